@@ -1,7 +1,96 @@
-"""Command-line front end (placeholder until the store lands)."""
+"""Command-line front end.
+
+The CLI parses arguments, calls one library function per command, and prints. It holds no
+logic. Commands live in ``barge.commands.<area>`` modules that register onto :data:`main`.
+Every :class:`~barge.errors.BargeError` becomes one line on stderr and its exit code; nothing
+else reaches a user as a traceback.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import click
+
+from barge import __version__
+from barge.errors import BargeError, ExitCode
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def emit_json(obj: Any) -> None:
+    """Print one JSON document on stdout."""
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def warn(message: str) -> None:
+    """One informational line on stderr (never on stdout, which is for results)."""
+    click.echo(f"barge: {message}", err=True)
+
+
+format_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Output format.",
+)
+
+
+class BargeGroup(click.Group):
+    """A click group that turns every error into one clear line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(os.environ.get("BARGE_DEBUG"))
+        try:
+            return super().invoke(ctx)
+        except BargeError as e:
+            click.echo(f"barge: error: {e.message}", err=True)
+            if e.hint:
+                click.echo(f"barge: hint: {e.hint}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("barge: interrupted", err=True)
+            ctx.exit(ExitCode.INTERRUPTED)
+        except OSError as e:
+            if debug:
+                raise
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                click.echo(f"barge: error: no space left on device: {e.filename or ''}", err=True)
+                ctx.exit(ExitCode.NO_SPACE)
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"barge: error: {e.strerror or e}{where}", err=True)
+            ctx.exit(ExitCode.FAILURE)
+        return None
+
+
+@click.group(cls=BargeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="barge")
 def main() -> None:
-    raise SystemExit(0)
+    """barge: manage VM images on Linux and ship them through OCI registries."""
+
+
+def run() -> None:  # pragma: no cover - thin wrapper for `python -m barge`
+    main(prog_name="barge")
+
+
+def _load_commands() -> None:
+    import importlib
+    import pkgutil
+
+    import barge.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+_load_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from barge.cli import run
+
+run()

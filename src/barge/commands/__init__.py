@@ -1,0 +1,1 @@
+"""CLI command modules; each registers its commands onto ``barge.cli.main`` on import."""

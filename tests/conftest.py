@@ -1,0 +1,26 @@
+"""Shared pytest fixtures. Registry fixtures live in tests/registry_fixtures.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["registry_fixtures"]
+
+
+@pytest.fixture
+def barge_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private $BARGE_HOME for one test."""
+    home = tmp_path / "barge-home"
+    monkeypatch.setenv("BARGE_HOME", str(home))
+    for var in (
+        "BARGE_REGISTRY_USERNAME",
+        "BARGE_REGISTRY_PASSWORD",
+        "TART_REGISTRY_USERNAME",
+        "TART_REGISTRY_PASSWORD",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+    yield home
