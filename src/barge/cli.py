@@ -67,6 +67,16 @@ class BargeGroup(click.Group):
             where = f": {e.filename}" if e.filename else ""
             click.echo(f"barge: error: {e.strerror or e}{where}", err=True)
             ctx.exit(ExitCode.FAILURE)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as e:  # a bug: one line, no traceback unless asked for
+            if debug:
+                raise
+            click.echo(
+                f"barge: internal error: {type(e).__name__}: {e} (set BARGE_DEBUG=1 for details)",
+                err=True,
+            )
+            ctx.exit(ExitCode.FAILURE)
         return None
 
 

@@ -1,0 +1,198 @@
+"""Local VM commands: create, list, get, set, clone, rename, delete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from barge import local
+from barge.cli import emit_json, format_option, main
+from barge.store import Store
+from barge.units import format_size, parse_size
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    return parse_size(value, what=f"--{param.name.replace('_', '-') if param.name else 'size'}")
+
+
+def _print_vm(info: dict[str, Any]) -> None:
+    click.echo(f"name:     {info['name']}")
+    click.echo(f"source:   {info['source']}")
+    if info.get("reference"):
+        click.echo(f"ref:      {info['reference']}")
+    if info.get("digest"):
+        click.echo(f"digest:   {info['digest']}")
+    click.echo(f"platform: {info['os']}/{info['arch']}")
+    click.echo(f"cpus:     {info['cpus']}")
+    click.echo(f"memory:   {format_size(info['memory'])}")
+    if info.get("macAddress"):
+        click.echo(f"mac:      {info['macAddress']}")
+    for d in info["disks"]:
+        click.echo(
+            f"disk:     {d['name']}  {format_size(d['size'])} "
+            f"({format_size(d.get('allocated', 0))} allocated)"
+        )
+    click.echo(f"on disk:  {format_size(info['sizeOnDisk'])}")
+    if info.get("state"):
+        click.echo(f"state:    {info['state']}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--disk-size", callback=_size, help="Disk size, e.g. 20G (grows an imported disk).")
+@click.option(
+    "--from-disk",
+    type=click.Path(path_type=Path),
+    help="Import an existing raw or qcow2 image (kept sparse).",
+)
+@click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--memory", callback=_size, default="4G", show_default=True)
+@click.option("--os", "os_name", default="linux", show_default=True, help="linux, darwin, windows")
+@click.option("--arch", default="x86_64", show_default=True, help="x86_64 or aarch64")
+@click.option("--boot", type=click.Choice(["uefi", "bios"]), default="uefi", show_default=True)
+@format_option
+def create(
+    name: str,
+    disk_size: int | None,
+    from_disk: Path | None,
+    cpus: int,
+    memory: int,
+    os_name: str,
+    arch: str,
+    boot: str,
+    fmt: str,
+) -> None:
+    """Create a local VM with an empty sparse disk or an imported one."""
+    store = Store()
+    vm = local.create_vm(
+        store,
+        name,
+        disk_size=disk_size,
+        from_disk=from_disk,
+        cpus=cpus,
+        memory=memory,
+        os_name=os_name,
+        arch=arch,
+        boot=boot,
+    )
+    if fmt == "json":
+        emit_json(local.vm_info(store, vm))
+    else:
+        click.echo(f"created {vm.name} ({format_size(vm.config.disks[0].size)} disk)")
+
+
+@main.command(name="get")
+@click.argument("name")
+@format_option
+def get_cmd(name: str, fmt: str) -> None:
+    """Show one VM's configuration."""
+    store = Store()
+    info = local.vm_info(store, store.get_vm(name))
+    if fmt == "json":
+        emit_json(info)
+    else:
+        _print_vm(info)
+
+
+@main.command(name="set")
+@click.argument("name")
+@click.option("--cpus", type=click.IntRange(min=1))
+@click.option("--memory", callback=_size)
+@click.option("--disk-size", callback=_size, help="New disk size; disks only grow.")
+def set_cmd(name: str, cpus: int | None, memory: int | None, disk_size: int | None) -> None:
+    """Change a VM's CPUs, memory or disk size."""
+    if cpus is None and memory is None and disk_size is None:
+        raise click.UsageError("nothing to change: give --cpus, --memory or --disk-size")
+    local.set_vm(Store(), name, cpus=cpus, memory=memory, disk_size=disk_size)
+    click.echo(f"updated {name}")
+
+
+@main.command()
+@click.argument("old")
+@click.argument("new")
+def rename(old: str, new: str) -> None:
+    """Rename a local VM."""
+    local.rename_vm(Store(), old, new)
+    click.echo(f"renamed {old} to {new}")
+
+
+def clone_local(src: str, dst: str) -> None:
+    res = local.clone_vm(Store(), src, dst)
+    how = (
+        "copy-on-write"
+        if res.method == "reflink"
+        else f"sparse copy, {format_size(res.bytes_written)} written"
+    )
+    click.echo(f"cloned {src} to {dst} ({how})")
+
+
+def delete_local(name: str) -> None:
+    local.delete_vm(Store(), name)
+    click.echo(f"deleted {name}")
+
+
+def list_local(store: Store) -> list[dict[str, Any]]:
+    return [local.vm_info(store, vm) for vm in store.list_vms()]
+
+
+@main.command(name="list")
+@click.option("-q", "--quiet", is_flag=True, help="Only names.")
+@click.option(
+    "--source", type=click.Choice(["local", "oci"]), help="Only local VMs or only cached images."
+)
+@format_option
+def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
+    """List local VMs and cached images."""
+    store = Store()
+    rows: list[dict[str, Any]] = []
+    if source in (None, "local"):
+        rows += list_local(store)
+    if source in (None, "oci"):
+        from barge.cache import list_cached
+
+        rows += list_cached(store)
+    if fmt == "json":
+        emit_json(rows)
+        return
+    if quiet:
+        for r in rows:
+            click.echo(r.get("reference") or r["name"])
+        return
+    if not rows:
+        return
+    header = ("SOURCE", "NAME", "PLATFORM", "DISK", "ON DISK", "STATE")
+    table = [header]
+    for r in rows:
+        table.append(
+            (
+                r["source"],
+                r.get("reference") or r["name"],
+                f"{r['os']}/{r['arch']}",
+                format_size(sum(d["size"] for d in r["disks"])),
+                format_size(r["sizeOnDisk"]),
+                r.get("state", ""),
+            )
+        )
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command()
+@click.argument("source")
+@click.argument("name")
+def clone(source: str, name: str) -> None:
+    """Clone a local VM (or, later, an image reference) into a new local VM."""
+    clone_local(source, name)
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+def delete(names: tuple[str, ...]) -> None:
+    """Delete local VMs."""
+    for n in names:
+        delete_local(n)

@@ -1,0 +1,407 @@
+"""The SQLite catalog: every lookup that is not a file.
+
+Tables: cached image refs (registry incl. port, repository, tag) -> manifest digest; cached
+images by digest; the chunk index (uncompressed chunk digest -> compressed descriptor); where
+blobs are known to live (for cross-repository mounts); file states for fast unchanged-disk
+checks; and leases that protect in-flight work from garbage collection.
+
+References are columns, never file paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    digest TEXT PRIMARY KEY,
+    dirname TEXT NOT NULL,
+    format TEXT NOT NULL,
+    size_on_disk INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refs (
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    tag TEXT NOT NULL,            -- '' for a pull by digest
+    digest TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (registry, repository, tag, digest)
+);
+CREATE INDEX IF NOT EXISTS refs_digest ON refs(digest);
+CREATE TABLE IF NOT EXISTS chunks (
+    udigest TEXT NOT NULL,
+    codec TEXT NOT NULL,
+    frame_size INTEGER NOT NULL,
+    media_type TEXT NOT NULL,
+    cdigest TEXT NOT NULL,
+    csize INTEGER NOT NULL,
+    frames TEXT NOT NULL,          -- JSON list of frame records, as the format module writes them
+    last_used REAL NOT NULL,
+    PRIMARY KEY (udigest, codec, frame_size, media_type)
+);
+CREATE INDEX IF NOT EXISTS chunks_cdigest ON chunks(cdigest);
+CREATE TABLE IF NOT EXISTS blob_locations (
+    digest TEXT NOT NULL,
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    seen REAL NOT NULL,
+    PRIMARY KEY (digest, registry, repository)
+);
+CREATE TABLE IF NOT EXISTS file_states (
+    path TEXT NOT NULL,
+    key TEXT NOT NULL,             -- what the cached value is about (e.g. chunking parameters)
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (path, key)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    proc_start TEXT NOT NULL,
+    created REAL NOT NULL,
+    purpose TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lease_items (
+    lease_id TEXT NOT NULL REFERENCES leases(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,            -- 'image' (manifest digest), 'blob', 'path'
+    value TEXT NOT NULL,
+    PRIMARY KEY (lease_id, kind, value)
+);
+"""
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (field 22 of /proc/PID/stat), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: fields start after the last ')'
+    rest = stat[stat.rfind(")") + 2 :].split()
+    return rest[19] if len(rest) > 19 else None
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    digest: str
+    dirname: str
+    format: str
+    size_on_disk: int
+    created: float
+    last_used: float
+
+
+@dataclass(frozen=True)
+class RefRow:
+    registry: str
+    repository: str
+    tag: str
+    digest: str
+    updated: float
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    udigest: str
+    codec: str
+    frame_size: int
+    media_type: str
+    cdigest: str
+    csize: int
+    frames: list[Any]
+
+
+class Catalog:
+    """Thread-safe access to the catalog database (one connection per thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn().executescript(_SCHEMA)
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    # -- connection handling -------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE), committed on success."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return list(self._conn().execute(sql, args).fetchall())
+
+    def close(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- images and refs -------------------------------------------------------------------
+    def add_image(self, digest: str, dirname: str, fmt: str, size_on_disk: int) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO images(digest, dirname, format, size_on_disk, created, last_used)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE SET"
+                " dirname=excluded.dirname, format=excluded.format,"
+                " size_on_disk=excluded.size_on_disk, last_used=excluded.last_used",
+                (digest, dirname, fmt, size_on_disk, now, now),
+            )
+
+    def get_image(self, digest: str) -> ImageRow | None:
+        rows = self.query("SELECT * FROM images WHERE digest = ?", (digest,))
+        return ImageRow(*rows[0]) if rows else None
+
+    def images(self) -> list[ImageRow]:
+        return [ImageRow(*r) for r in self.query("SELECT * FROM images ORDER BY last_used")]
+
+    def touch_image(self, digest: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE images SET last_used = ? WHERE digest = ?", (time.time(), digest))
+
+    def remove_image(self, digest: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM images WHERE digest = ?", (digest,))
+            db.execute("DELETE FROM refs WHERE digest = ?", (digest,))
+
+    def set_ref(self, registry: str, repository: str, tag: str, digest: str) -> None:
+        """Point (registry, repository, tag) at digest; a tag moves, a digest ref is added."""
+        with self.tx() as db:
+            if tag:
+                db.execute(
+                    "DELETE FROM refs WHERE registry = ? AND repository = ? AND tag = ?",
+                    (registry, repository, tag),
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO refs(registry, repository, tag, digest, updated)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (registry, repository, tag, digest, time.time()),
+            )
+
+    def lookup_ref(self, registry: str, repository: str, tag: str) -> str | None:
+        rows = self.query(
+            "SELECT digest FROM refs WHERE registry = ? AND repository = ? AND tag = ?",
+            (registry, repository, tag),
+        )
+        return str(rows[0][0]) if rows else None
+
+    def refs(self, digest: str | None = None) -> list[RefRow]:
+        if digest is None:
+            rows = self.query("SELECT * FROM refs ORDER BY registry, repository, tag")
+        else:
+            rows = self.query("SELECT * FROM refs WHERE digest = ? ORDER BY updated", (digest,))
+        return [RefRow(*r) for r in rows]
+
+    def remove_ref(self, registry: str, repository: str, tag: str, digest: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "DELETE FROM refs WHERE registry = ? AND repository = ? AND tag = ? AND digest = ?",
+                (registry, repository, tag, digest),
+            )
+
+    # -- chunk index and blob locations ----------------------------------------------------
+    def put_chunk(self, row: ChunkRow) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO chunks(udigest, codec, frame_size, media_type, cdigest,"
+                " csize, frames, last_used) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.udigest,
+                    row.codec,
+                    row.frame_size,
+                    row.media_type,
+                    row.cdigest,
+                    row.csize,
+                    json.dumps(row.frames, separators=(",", ":")),
+                    time.time(),
+                ),
+            )
+
+    def find_chunk(
+        self, udigest: str, codec: str, frame_size: int, media_type: str
+    ) -> ChunkRow | None:
+        rows = self.query(
+            "SELECT udigest, codec, frame_size, media_type, cdigest, csize, frames FROM chunks"
+            " WHERE udigest = ? AND codec = ? AND frame_size = ? AND media_type = ?",
+            (udigest, codec, frame_size, media_type),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return ChunkRow(r[0], r[1], int(r[2]), r[3], r[4], int(r[5]), json.loads(r[6]))
+
+    def chunk_by_cdigest(self, cdigest: str) -> ChunkRow | None:
+        rows = self.query(
+            "SELECT udigest, codec, frame_size, media_type, cdigest, csize, frames FROM chunks"
+            " WHERE cdigest = ? LIMIT 1",
+            (cdigest,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return ChunkRow(r[0], r[1], int(r[2]), r[3], r[4], int(r[5]), json.loads(r[6]))
+
+    def add_blob_location(self, digest: str, registry: str, repository: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO blob_locations(digest, registry, repository, seen)"
+                " VALUES (?, ?, ?, ?)",
+                (digest, registry, repository, time.time()),
+            )
+
+    def add_blob_locations(self, digests: list[str], registry: str, repository: str) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO blob_locations(digest, registry, repository, seen)"
+                " VALUES (?, ?, ?, ?)",
+                [(d, registry, repository, now) for d in digests],
+            )
+
+    def blob_repositories(self, digest: str, registry: str) -> list[str]:
+        rows = self.query(
+            "SELECT repository FROM blob_locations WHERE digest = ? AND registry = ?"
+            " ORDER BY seen DESC LIMIT 8",
+            (digest, registry),
+        )
+        return [str(r[0]) for r in rows]
+
+    # -- file states (git-index-like "unchanged since last time") ----------------------------
+    def get_file_state(self, path: str, key: str) -> str | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        rows = self.query(
+            "SELECT dev, ino, size, mtime_ns, ctime_ns, value FROM file_states"
+            " WHERE path = ? AND key = ?",
+            (path, key),
+        )
+        if not rows:
+            return None
+        dev, ino, size, mtime_ns, ctime_ns, value = rows[0]
+        if (dev, ino, size, mtime_ns, ctime_ns) != (
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        ):
+            return None
+        return str(value)
+
+    def put_file_state(self, path: str, key: str, value: str, st: os.stat_result) -> None:
+        """Remember ``value`` for the file as it was when ``st`` was taken (before reading it).
+
+        A write landing in the same timestamp tick as ``st`` could go unseen (git's "racy
+        clean" problem), so a file modified less than two seconds before now is not recorded.
+        """
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < 2_000_000_000:
+            return
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO file_states(path, key, dev, ino, size, mtime_ns, ctime_ns,"
+                " value) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    path,
+                    key,
+                    st.st_dev,
+                    st.st_ino,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ctime_ns,
+                    value,
+                ),
+            )
+
+    def forget_file_states(self, path_prefix: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "DELETE FROM file_states WHERE path = ? OR substr(path, 1, ?) = ?",
+                (path_prefix, len(path_prefix) + 1, path_prefix.rstrip("/") + "/"),
+            )
+
+    # -- leases ----------------------------------------------------------------------------
+    def create_lease(self, purpose: str) -> str:
+        lease_id = uuid.uuid4().hex
+        pid = os.getpid()
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO leases(id, pid, proc_start, created, purpose) VALUES (?, ?, ?, ?, ?)",
+                (lease_id, pid, process_start_time(pid) or "", time.time(), purpose),
+            )
+        return lease_id
+
+    def lease_add(self, lease_id: str, kind: str, values: list[str]) -> None:
+        with self.tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO lease_items(lease_id, kind, value) VALUES (?, ?, ?)",
+                [(lease_id, kind, v) for v in values],
+            )
+
+    def release_lease(self, lease_id: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM lease_items WHERE lease_id = ?", (lease_id,))
+            db.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
+
+    def expire_dead_leases(self) -> int:
+        """Drop leases whose process is gone (or whose PID was reused by another process)."""
+        dead = []
+        for lease_id, pid, proc_start in self.query("SELECT id, pid, proc_start FROM leases"):
+            alive = process_start_time(int(pid))
+            if alive is None or (proc_start and alive != proc_start):
+                dead.append(lease_id)
+        for lease_id in dead:
+            self.release_lease(lease_id)
+        return len(dead)
+
+    def leased(self, kind: str) -> set[str]:
+        rows = self.query(
+            "SELECT value FROM lease_items JOIN leases ON leases.id = lease_items.lease_id"
+            " WHERE kind = ?",
+            (kind,),
+        )
+        return {str(r[0]) for r in rows}

@@ -1,0 +1,316 @@
+"""The local store: VM directories, the image cache, locks, leases and garbage collection.
+
+Layout under ``$BARGE_HOME`` (default ``$XDG_DATA_HOME/barge``, i.e. ``~/.local/share/barge``)::
+
+    catalog.db          SQLite (WAL): refs -> digests, images, chunk index, leases
+    vms/<name>/         a local VM: config.json + raw disks
+    cache/<hex>/        a pulled image by manifest digest, immutable, same shape as a VM
+    tmp/<id>/           work in progress (always under a lease); never listed
+    locks/              per-VM lock files
+
+Every directory that ``list`` shows was built elsewhere and renamed into place after an fsync,
+so a crash never leaves a half VM or a half image visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from barge.errors import BusyError, ConflictError, NotFoundError, UsageError
+from barge.store.catalog import Catalog, ImageRow
+from barge.store.vmconfig import VMConfig
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def default_home() -> Path:
+    env = os.environ.get("BARGE_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "barge"
+
+
+def validate_vm_name(name: str) -> str:
+    """A VM name is one safe path component: letters, digits, '.', '_' and '-'."""
+    if not name:
+        raise UsageError("invalid VM name '': a name cannot be empty")
+    if "/" in name or "\\" in name:
+        raise UsageError(f"invalid VM name {name!r}: it cannot contain path separators")
+    if name in (".", "..") or ".." in name:
+        raise UsageError(f"invalid VM name {name!r}: it cannot contain '..'")
+    if ":" in name or "@" in name:
+        raise UsageError(
+            f"invalid VM name {name!r}: ':' and '@' belong to image references, not VM names"
+        )
+    if not _NAME_RE.match(name):
+        raise UsageError(
+            f"invalid VM name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory under ``path`` (before renaming it into place)."""
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def dir_allocated_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+    return total
+
+
+@dataclass(frozen=True)
+class VM:
+    name: str
+    path: Path
+    config: VMConfig
+
+    def disk_path(self, disk_name: str) -> Path:
+        return self.path / disk_name
+
+
+class VMLock:
+    """An exclusive (or shared) advisory lock on one VM name, held by an open file."""
+
+    def __init__(self, path: Path, name: str, *, shared: bool = False, wait: bool = False):
+        self.path = path
+        self.name = name
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        flags = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        if not wait:
+            flags |= fcntl.LOCK_NB
+        try:
+            fcntl.flock(self.fd, flags)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise BusyError(
+                f"VM {name!r} is in use by another barge process (running, or being written)"
+            ) from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Store:
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = (home or default_home()).absolute()
+        self.vms_dir = self.home / "vms"
+        self.cache_dir = self.home / "cache"
+        self.tmp_dir = self.home / "tmp"
+        self.locks_dir = self.home / "locks"
+        for d in (self.home, self.vms_dir, self.cache_dir, self.tmp_dir, self.locks_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._catalog: Catalog | None = None
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = Catalog(self.home / "catalog.db")
+        return self._catalog
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+
+    # -- locks, staging, leases ------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock_vm(self, name: str, *, shared: bool = False, wait: bool = False) -> Iterator[VMLock]:
+        lock = VMLock(
+            self.locks_dir / f"vm.{validate_vm_name(name)}.lock", name, shared=shared, wait=wait
+        )
+        try:
+            yield lock
+        finally:
+            lock.release()
+
+    def is_locked(self, name: str) -> bool:
+        try:
+            with self.lock_vm(name, shared=True):
+                return False
+        except BusyError:
+            return True
+
+    @contextlib.contextmanager
+    def lease(self, purpose: str) -> Iterator[str]:
+        """A GC lease for the duration of an operation (released even on error)."""
+        lease_id = self.catalog.create_lease(purpose)
+        try:
+            yield lease_id
+        finally:
+            self.catalog.release_lease(lease_id)
+
+    @contextlib.contextmanager
+    def staging(self, purpose: str, *, lease_id: str | None = None) -> Iterator[Path]:
+        """A fresh temp directory under ``tmp/``, protected by a lease and removed afterwards
+        unless it was renamed into place."""
+        with contextlib.ExitStack() as stack:
+            if lease_id is None:
+                lease_id = stack.enter_context(self.lease(purpose))
+            path = self.tmp_dir / f"{purpose}-{uuid.uuid4().hex[:12]}"
+            self.catalog.lease_add(lease_id, "path", [path.name])
+            path.mkdir()
+            try:
+                yield path
+            finally:
+                if path.exists():
+                    shutil.rmtree(path, ignore_errors=True)
+
+    def publish_dir(self, staged: Path, final: Path) -> None:
+        """fsync a staged directory and rename it into place; fails if ``final`` exists."""
+        fsync_tree(staged)
+        try:
+            os.rename(staged, final)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise ConflictError(f"{final.name!r} already exists") from None
+            raise
+        fsync_dir(final.parent)
+
+    # -- local VMs -------------------------------------------------------------------------
+    def vm_path(self, name: str) -> Path:
+        return self.vms_dir / validate_vm_name(name)
+
+    def vm_exists(self, name: str) -> bool:
+        return (self.vm_path(name) / "config.json").is_file()
+
+    def get_vm(self, name: str) -> VM:
+        path = self.vm_path(name)
+        cfg = path / "config.json"
+        try:
+            data = cfg.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"no VM named {name!r}", hint="see `barge list`") from None
+        return VM(name, path, VMConfig.from_bytes(data))
+
+    def list_vms(self) -> list[VM]:
+        vms = []
+        for entry in sorted(os.listdir(self.vms_dir)):
+            if not _NAME_RE.match(entry) or ".." in entry:
+                continue
+            try:
+                vms.append(self.get_vm(entry))
+            except (NotFoundError, UsageError):
+                continue
+            except Exception:  # a damaged config must not hide the other VMs
+                continue
+        return vms
+
+    def write_config(self, vm: VM, config: VMConfig) -> None:
+        """Atomically replace a VM's config.json (caller holds the VM lock)."""
+        tmp = vm.path / f".config.json.{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(config.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, vm.path / "config.json")
+        fsync_dir(vm.path)
+
+    def vm_disk_usage(self, vm: VM) -> int:
+        return dir_allocated_bytes(vm.path)
+
+    # -- the image cache -------------------------------------------------------------------
+    def image_path(self, digest: str) -> Path:
+        algo, _, hexpart = digest.partition(":")
+        if algo != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", hexpart):
+            raise UsageError(f"invalid manifest digest {digest!r}")
+        return self.cache_dir / hexpart
+
+    def cached_images(self) -> list[ImageRow]:
+        return [r for r in self.catalog.images() if (self.cache_dir / r.dirname).is_dir()]
+
+    # -- garbage collection ----------------------------------------------------------------
+    def gc(
+        self,
+        *,
+        older_than: float | None = None,
+        space_budget: int | None = None,
+        dry_run: bool = False,
+        remove_unreferenced: bool = True,
+    ) -> list[ImageRow]:
+        """The one GC routine. Removes (least recently used first) cached images that are
+        unreferenced, older than ``older_than`` seconds, or over ``space_budget`` bytes; never
+        one under a lease or whose cache directory is locked by a running operation. Also
+        removes tmp debris whose lease is gone. Returns what was (or would be) removed."""
+        cat = self.catalog
+        cat.expire_dead_leases()
+        leased_images = cat.leased("image")
+        leased_paths = cat.leased("path")
+        now = time.time()
+        images = cat.images()  # least recently used first
+        referenced = {r.digest for r in cat.refs()}
+        total = sum(i.size_on_disk for i in images)
+        doomed: list[ImageRow] = []
+        for img in images:
+            reason = False
+            if remove_unreferenced and img.digest not in referenced:
+                reason = True
+            if older_than is not None and now - img.last_used > older_than:
+                reason = True
+            if space_budget is not None and total > space_budget:
+                reason = True
+            if not reason or img.digest in leased_images:
+                continue
+            if self.is_locked(f"img-{img.dirname[:16]}"):
+                continue
+            doomed.append(img)
+            total -= img.size_on_disk
+        if dry_run:
+            return doomed
+        for img in doomed:
+            with self.lock_vm(f"img-{img.dirname[:16]}"):
+                # re-check under the catalog: a lease may have been taken meanwhile
+                if img.digest in cat.leased("image"):
+                    continue
+                trash = self.tmp_dir / f"gc-{uuid.uuid4().hex[:12]}"
+                cat.remove_image(img.digest)
+                src = self.cache_dir / img.dirname
+                if src.exists():
+                    os.rename(src, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+        self._clean_tmp(leased_paths, now)
+        return doomed
+
+    def _clean_tmp(self, leased_paths: set[str], now: float) -> None:
+        live = self.catalog.leased("path") | leased_paths
+        for entry in os.listdir(self.tmp_dir):
+            if entry in live:
+                continue
+            p = self.tmp_dir / entry
+            with contextlib.suppress(OSError):
+                # only debris from dead processes: every live staging dir is leased
+                if entry.startswith("gc-") or now - p.stat().st_mtime > 60:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
