@@ -108,6 +108,11 @@ class AppleLZ4Decoder:
         read = src.read
         while True:
             marker = read(4)
+            while 0 < len(marker) < 4:  # a short read, not necessarily the end
+                more = read(4 - len(marker))
+                if not more:
+                    break
+                marker += more
             if len(marker) != 4:
                 if not marker and pos == 0:
                     raise IntegrityError("Apple LZ4 stream is empty (expected at least 'bv4$')")
