@@ -1,0 +1,227 @@
+"""The decoder of barge's disk format: verify and write chunks into sparse raw disks.
+
+The output file is pre-sized with ``ftruncate`` (all holes); :func:`decode_chunk` writes only
+the non-zero 4 KiB blocks of each frame, so a pulled disk is as sparse as the pushed one.
+Every frame is decompressed into a reused buffer and its sha256 checked *before* it is
+written; the chunk's sha256 and the layer's sha256 are checked at the end (a mismatch there
+means the caller must discard the output file).
+
+Call :func:`validate_layout` (or parse the index with ``FrameIndex.from_bytes``, which does)
+before decoding anything: it rejects hostile offsets, sizes and frame lists.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Callable
+from typing import BinaryIO
+
+from barge.disk.codec import Codec
+from barge.disk.index import ChunkMeta, FrameInfo, validate_layout
+from barge.errors import IntegrityError, NoSpaceError
+
+__all__ = [
+    "DecodeBuffers",
+    "decode_chunk",
+    "decode_frame",
+    "validate_layout",
+    "write_zero_aware",
+]
+
+BLOCK = 4096
+
+
+class DecodeBuffers:
+    """Reusable buffers for decoding frames of up to ``frame_size`` bytes with ``codec``.
+
+    One per thread; pass the same object to every :func:`decode_chunk` call of that thread."""
+
+    def __init__(self, frame_size: int) -> None:
+        self.frame_size = frame_size
+        self.ubuf = bytearray(frame_size)
+        self.cbuf = bytearray(
+            max(Codec(n).max_compressed_size(frame_size) for n in ("zstd", "lz4"))
+        )
+        self.zeros = memoryview(bytes(frame_size))
+
+    def fits(self, frame_size: int) -> bool:
+        return frame_size <= self.frame_size
+
+
+def decode_chunk(
+    src: BinaryIO,
+    fd_out: int,
+    meta: ChunkMeta,
+    codec: Codec | None = None,
+    *,
+    buffers: DecodeBuffers | None = None,
+    verify_layer: bool = True,
+    verify_udigest: bool = True,
+    sparse: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Decode one layer stream ``src`` into ``fd_out`` at ``meta.offset``.
+
+    ``meta`` must have passed :func:`validate_layout`. Zero frames are not written (the output
+    is expected to read as zeros there: a fresh sparse file). With ``verify_layer`` the sha256
+    of the compressed stream is checked against ``meta.digest`` (turn it off when ``src``
+    already verifies it, as a whole-blob ``BlobReader`` does). Raises :class:`IntegrityError`
+    naming the layer and frame on any mismatch, truncation or trailing data.
+    """
+    if codec is None:
+        codec = Codec(meta.codec)
+    elif codec.name != meta.codec:
+        raise IntegrityError(
+            f"layer {meta.digest}: the index says codec {meta.codec!r}, "
+            f"the media type says {codec.name!r}"
+        )
+    if buffers is None or not buffers.fits(meta.frame_size):
+        buffers = DecodeBuffers(meta.frame_size)
+    cview = memoryview(buffers.cbuf)
+    uview = memoryview(buffers.ubuf)
+    chunk_hash = hashlib.sha256() if verify_udigest else None
+    layer_hash = hashlib.sha256() if verify_layer else None
+    for i, f in enumerate(meta.frames):
+        n = f.usize
+        if f.zero:
+            if chunk_hash is not None:
+                chunk_hash.update(buffers.zeros[:n])
+        else:
+            if f.csize > len(cview):
+                raise IntegrityError(
+                    f"layer {meta.digest}: frame {i} claims {f.csize} compressed bytes, "
+                    f"more than any {n}-byte frame can take"
+                )
+            cv = cview[: f.csize]
+            _read_exact(src, cv, meta, i)
+            if layer_hash is not None:
+                layer_hash.update(cv)
+            uv = uview[:n]
+            try:
+                codec.decompress_into(cv, uv)
+            except IntegrityError as exc:
+                raise IntegrityError(f"layer {meta.digest}: frame {i}: {exc.message}") from None
+            digest = "sha256:" + hashlib.sha256(uv).hexdigest()
+            if digest != f.digest:
+                raise IntegrityError(
+                    f"layer {meta.digest}: frame {i} (disk {meta.disk!r} offset "
+                    f"{meta.offset + f.uoffset}) decodes to {digest}, the index says {f.digest}"
+                )
+            if chunk_hash is not None:
+                chunk_hash.update(uv)
+            off = meta.offset + f.uoffset
+            if sparse:
+                _write_zero_aware(fd_out, off, buffers.ubuf, n)
+            else:
+                _pwrite_all(fd_out, uv, off)
+        if progress is not None:
+            progress(n)
+    if src.read(1):
+        raise IntegrityError(f"layer {meta.digest}: more data than its {meta.size} indexed bytes")
+    if layer_hash is not None and "sha256:" + layer_hash.hexdigest() != meta.digest:
+        raise IntegrityError(
+            f"layer {meta.digest}: the compressed stream hashes to sha256:{layer_hash.hexdigest()}"
+        )
+    if chunk_hash is not None and "sha256:" + chunk_hash.hexdigest() != meta.udigest:
+        raise IntegrityError(
+            f"layer {meta.digest}: the chunk decodes to sha256:{chunk_hash.hexdigest()}, "
+            f"its annotation says {meta.udigest}"
+        )
+
+
+def decode_frame(data: bytes | bytearray | memoryview, frame: FrameInfo, codec: Codec) -> bytes:
+    """Decode and verify one range-fetched frame (``csize`` bytes at ``coffset`` of its layer)."""
+    if frame.zero:
+        if len(data):
+            raise IntegrityError(f"zero frame at {frame.uoffset} came with {len(data)} bytes")
+        return bytes(frame.usize)
+    if len(data) != frame.csize:
+        raise IntegrityError(
+            f"frame at {frame.uoffset}: got {len(data)} compressed bytes, expected {frame.csize}"
+        )
+    if frame.csize > codec.max_compressed_size(frame.usize):
+        raise IntegrityError(f"frame at {frame.uoffset}: compressed size {frame.csize} too large")
+    out = bytearray(frame.usize)
+    codec.decompress_into(data, memoryview(out))
+    digest = "sha256:" + hashlib.sha256(out).hexdigest()
+    if digest != frame.digest:
+        raise IntegrityError(
+            f"frame at {frame.uoffset} decodes to {digest}, the index says {frame.digest}"
+        )
+    return bytes(out)
+
+
+def write_zero_aware(fd: int, off: int, data: bytes | bytearray | memoryview) -> int:
+    """``pwrite`` ``data`` at ``off`` except its all-zero 4 KiB blocks, which are left as holes
+    (the target range must already read as zeros, e.g. a freshly ftruncate'd file).
+    Returns the number of bytes actually written."""
+    buf = data if isinstance(data, bytes | bytearray) else bytes(data)
+    return _write_zero_aware(fd, off, buf, len(buf))
+
+
+def _write_zero_aware(fd: int, off: int, buf: bytes | bytearray, n: int) -> int:
+    zero_block = _ZERO_BLOCK
+    sw = buf.startswith
+    if n and sw(_zeros_view(n), 0, n):
+        return 0
+    view = memoryview(buf)
+    written = 0
+    run_start = -1
+    pos = 0
+    while pos < n:
+        end = min(pos + BLOCK, n)
+        if end - pos == BLOCK:
+            is_zero = sw(zero_block, pos, end)
+        else:
+            is_zero = sw(zero_block[: end - pos], pos, end)
+        if is_zero:
+            if run_start >= 0:
+                written += _pwrite_all(fd, view[run_start:pos], off + run_start)
+                run_start = -1
+        elif run_start < 0:
+            run_start = pos
+        pos = end
+    if run_start >= 0:
+        written += _pwrite_all(fd, view[run_start:n], off + run_start)
+    return written
+
+
+_ZERO_BLOCK = bytes(BLOCK)
+_ZERO_CACHE: dict[int, memoryview] = {}
+
+
+def _zeros_view(n: int) -> memoryview:
+    """A read-only zero buffer of at least ``n`` bytes, sliced to ``n`` (cached by size)."""
+    size = 1 << max(12, (n - 1).bit_length())
+    z = _ZERO_CACHE.get(size)
+    if z is None:
+        if len(_ZERO_CACHE) > 8:
+            _ZERO_CACHE.clear()
+        z = _ZERO_CACHE[size] = memoryview(bytes(size))
+    return z[:n]
+
+
+def _pwrite_all(fd: int, view: memoryview, off: int) -> int:
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], off + done)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"no space left writing the disk at offset {off}") from exc
+            raise
+    return done
+
+
+def _read_exact(src: BinaryIO, view: memoryview, meta: ChunkMeta, i: int) -> None:
+    got = 0
+    while got < len(view):
+        k = src.readinto(view[got:])  # type: ignore[attr-defined]
+        if not k:
+            raise IntegrityError(
+                f"layer {meta.digest}: stream ends in frame {i} "
+                f"({got} of {len(view)} compressed bytes)"
+            )
+        got += k
