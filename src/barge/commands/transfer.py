@@ -1,0 +1,94 @@
+"""Distribution commands: push (and, as they land, pull, copy, tag, verify, export, import)."""
+
+from __future__ import annotations
+
+import click
+
+from barge.cli import emit_json, format_option, main
+from barge.disk.sizing import format_size as fmt_size
+from barge.errors import UsageError
+from barge.progress import ConsoleReporter
+from barge.store import Store
+from barge.units import parse_size
+
+
+def _parse_labels(labels: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"invalid --label {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _opt_size(value: str | None, what: str) -> int | None:
+    return None if value is None else parse_size(value, what=what)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("references", nargs=-1, required=True)
+@click.option(
+    "--compression",
+    default=None,
+    help="zstd[:LEVEL] (default zstd:3), lz4 or none.",
+)
+@click.option(
+    "--chunk-size", help="Disk bytes per layer (default 512M; raised to fit a layer cap)."
+)
+@click.option("--max-layers", type=click.IntRange(min=1), help="The registry's layer cap.")
+@click.option(
+    "--upload-chunk-size",
+    help="PATCH body size for chunked uploads (default per registry; monolithic where allowed).",
+)
+@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE label in the OCI config.")
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@format_option
+def push(
+    name: str,
+    references: tuple[str, ...],
+    compression: str | None,
+    chunk_size: str | None,
+    max_layers: int | None,
+    upload_chunk_size: str | None,
+    concurrency: int,
+    labels: tuple[str, ...],
+    insecure: bool,
+    quiet: bool,
+    fmt: str,
+) -> None:
+    """Push local VM NAME to one or more REFERENCES (one upload, many tags)."""
+    from barge.disk.codec import DEFAULT_CODEC
+    from barge.push import PushOptions
+    from barge.push import push as do_push
+
+    opts = PushOptions(
+        codec=compression or DEFAULT_CODEC,
+        chunk_size=_opt_size(chunk_size, "--chunk-size"),
+        max_layers=max_layers,
+        upload_chunk_size=_opt_size(upload_chunk_size, "--upload-chunk-size"),
+        concurrency=concurrency,
+        labels=_parse_labels(labels),
+        insecure=insecure,
+    )
+    reporter = ConsoleReporter(quiet=quiet or fmt == "json")
+    try:
+        res = do_push(Store(), name, list(references), opts, reporter)
+    finally:
+        reporter.close()
+    if fmt == "json":
+        emit_json(res.to_json())
+        return
+    if not quiet:
+        s = res.stats
+        click.echo(
+            f"pushed {name}: {res.layers} layers ({fmt_size(res.chunk_size)} chunks), "
+            f"uploaded {s.uploaded_blobs} blobs / {fmt_size(s.uploaded_bytes)}, "
+            f"{s.existing_blobs} already there, {s.mounted_blobs} mounted",
+            err=True,
+        )
+    for ref in res.references:
+        click.echo(f"{ref}@{res.digest}" if not quiet else res.digest)

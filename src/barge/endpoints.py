@@ -1,0 +1,222 @@
+"""The two ends of every copy: where blobs and manifests come from and go to.
+
+A *location* is what a user types: a local VM name, a registry reference, or an OCI layout
+(``oci:PATH[:tag]`` / ``oci-archive:FILE[:tag]``). :class:`RegistryEnd` and :class:`LayoutEnd`
+give the pipeline one interface over both remote kinds; local VMs and the cache are handled by
+the disk codec at the edges (push encodes, pull decodes).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol, cast
+
+from barge.errors import NotFoundError
+from barge.oci.client import RegistryClient
+from barge.oci.types import Manifest, media_type_of, sha256_digest
+from barge.reference import Reference, looks_like_reference, parse
+from barge.store import Store
+
+OpenAt = Callable[[int], BinaryIO]
+
+
+class End(Protocol):
+    """A place blobs and manifests live (a registry repository or an OCI layout)."""
+
+    label: str
+
+    def has_blob(self, digest: str) -> int | None: ...
+    def open_blob(self, digest: str, offset: int = 0) -> BinaryIO: ...
+    def put_blob(
+        self, digest: str, size: int, open_at: OpenAt, progress: Callable[[int], None] | None
+    ) -> None: ...
+    def try_mount(self, digest: str, size: int) -> bool: ...
+    def get_manifest(self, reference: str) -> Manifest: ...
+    def put_manifest(self, data: bytes, media_type: str, tag: str | None) -> str: ...
+
+
+class RegistryEnd:
+    """One repository in one registry."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: RegistryClient,
+        ref: Reference,
+        *,
+        upload_chunk_size: int | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.ref = ref
+        self.repo = ref.repository
+        self.registry = ref.registry
+        self.label = f"{ref.registry}/{ref.repository}"
+        self.upload_chunk_size = upload_chunk_size
+
+    def has_blob(self, digest: str) -> int | None:
+        size = self.client.blob_exists(self.repo, digest)
+        if size is not None:
+            self.store.catalog.add_blob_location(digest, self.registry, self.repo)
+        return size
+
+    def open_blob(self, digest: str, offset: int = 0) -> BinaryIO:
+        return self.client.open_blob(self.repo, digest, offset=offset)  # type: ignore[return-value]
+
+    def read_blob(self, digest: str, max_size: int) -> bytes:
+        return self.client.read_blob(self.repo, digest, max_size=max_size)
+
+    def put_blob(
+        self, digest: str, size: int, open_at: OpenAt, progress: Callable[[int], None] | None
+    ) -> None:
+        self.client.upload_blob(
+            self.repo, digest, size, open_at, chunk_size=self.upload_chunk_size, progress=progress
+        )
+        self.store.catalog.add_blob_location(digest, self.registry, self.repo)
+
+    def try_mount(self, digest: str, size: int) -> bool:
+        for other in self.store.catalog.blob_repositories(digest, self.registry):
+            if other == self.repo:
+                continue
+            if self.client.mount_blob(self.repo, digest, other):
+                self.store.catalog.add_blob_location(digest, self.registry, self.repo)
+                return True
+        return False
+
+    def get_manifest(self, reference: str) -> Manifest:
+        return self.client.get_manifest(self.repo, reference)
+
+    def put_manifest(self, data: bytes, media_type: str, tag: str | None) -> str:
+        return self.client.put_manifest(self.repo, tag or sha256_digest(data), data, media_type)
+
+
+class LayoutEnd:
+    """An OCI image layout directory (read/write) or archive (read)."""
+
+    def __init__(self, path: Path, tag: str | None, *, archive: bool = False, create: bool = False):
+        from barge.oci.layout import OCIArchiveReader, OCILayout
+
+        self.path = path
+        self.tag = tag
+        self.label = f"oci{'-archive' if archive else ''}:{path}"
+        self.archive = archive
+        self.layout: OCILayout | OCIArchiveReader
+        if archive:
+            self.layout = OCIArchiveReader(path)
+        else:
+            self.layout = OCILayout(path, create=create)
+
+    def has_blob(self, digest: str) -> int | None:
+        return self.layout.has_blob(digest)
+
+    def open_blob(self, digest: str, offset: int = 0) -> BinaryIO:
+        f = self.layout.open_blob(digest)
+        if offset:
+            if f.seekable():
+                f.seek(offset)
+            else:
+                _skip(f, offset)
+        return f
+
+    def read_blob(self, digest: str, max_size: int) -> bytes:
+        size = self.layout.has_blob(digest)
+        if size is None:
+            raise NotFoundError(f"blob {digest} is not in {self.label}")
+        if size > max_size:
+            from barge.errors import IntegrityError
+
+            raise IntegrityError(f"blob {digest} is {size} bytes, over the {max_size} limit")
+        with self.layout.open_blob(digest) as f:
+            data = f.read(max_size + 1)
+        if sha256_digest(data) != digest:
+            from barge.oci.errors import DigestMismatch
+
+            raise DigestMismatch(f"blob in {self.label}", digest, sha256_digest(data))
+        return data
+
+    def put_blob(
+        self, digest: str, size: int, open_at: OpenAt, progress: Callable[[int], None] | None
+    ) -> None:
+        from barge.oci.layout import OCILayout
+
+        assert isinstance(self.layout, OCILayout)
+        src = open_at(0)
+        try:
+            stream = cast(BinaryIO, _Counting(src, progress)) if progress else src
+            self.layout.write_blob(digest, size, stream)
+        finally:
+            src.close()
+
+    def try_mount(self, digest: str, size: int) -> bool:
+        return False
+
+    def get_manifest(self, reference: str) -> Manifest:
+        tag = None if reference.startswith("sha256:") else reference
+        data, media_type, digest = self.layout.get_manifest(tag if tag else self.tag)
+        return Manifest(data=data, media_type=media_type_of(data, media_type), digest=digest)
+
+    def put_manifest(self, data: bytes, media_type: str, tag: str | None) -> str:
+        from barge.oci.layout import OCILayout
+
+        assert isinstance(self.layout, OCILayout)
+        return self.layout.put_manifest(data, media_type, tag)
+
+
+class _Counting(io.RawIOBase):
+    def __init__(self, src: BinaryIO, progress: Callable[[int], None] | None) -> None:
+        self.src = src
+        self.progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self.src.readinto(b)  # type: ignore[attr-defined]
+        if n and self.progress:
+            self.progress(n)
+        return int(n or 0)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.src.read(n)
+        if data and self.progress:
+            self.progress(len(data))
+        return data
+
+
+def _skip(f: BinaryIO, n: int) -> None:
+    while n > 0:
+        piece = f.read(min(n, 1 << 20))
+        if not piece:
+            break
+        n -= len(piece)
+
+
+@dataclass(frozen=True)
+class Location:
+    kind: str  # "vm" | "registry" | "oci" | "oci-archive"
+    name: str = ""
+    ref: Reference | None = None
+    path: Path | None = None
+    tag: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "vm":
+            return self.name
+        if self.kind == "registry":
+            return str(self.ref)
+        return f"{self.kind}:{self.path}" + (f":{self.tag}" if self.tag else "")
+
+
+def parse_location(text: str, *, allow_vm: bool = True) -> Location:
+    """``myvm`` | ``host[:port]/repo[:tag][@digest]`` | ``oci:PATH[:tag]`` | ``oci-archive:FILE``."""
+    if text.startswith(("oci:", "oci-archive:")):
+        from barge.oci.layout import parse_layout_location
+
+        kind, path, tag = parse_layout_location(text)
+        return Location(kind=kind, path=Path(path), tag=tag)
+    if allow_vm and not looks_like_reference(text):
+        return Location(kind="vm", name=text)
+    return Location(kind="registry", ref=parse(text))
