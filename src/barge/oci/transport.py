@@ -1,0 +1,353 @@
+"""HTTP transport for one registry: pooled urllib3 connections, TLS, scheme choice, redirects.
+
+* TLS is verified by default against the system store (``SSL_CERT_FILE``/``SSL_CERT_DIR``
+  honoured) plus every ``*.crt`` in ``$BARGE_HOME/certs.d/<host:port>/`` (Docker's layout;
+  ``client.cert``/``client.key`` there enable mutual TLS).
+* ``insecure=True``: HTTPS without verification, falling back to plain HTTP.
+* Loopback registries (127.0.0.0/8, ::1, localhost) fall back to plain HTTP when the TLS
+  handshake fails for a reason other than certificate verification (the server speaks HTTP).
+  A certificate that does not verify is never silently accepted.
+* Redirects are followed by hand (at most :data:`MAX_REDIRECTS`); ``Authorization`` is
+  dropped whenever the scheme, host or port changes.
+* ``debug``/``BARGE_DEBUG=1`` logs each exchange to the ``barge.oci`` logger with the
+  Authorization header and signed-URL query strings redacted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import random
+import ssl
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import SSLError
+
+from barge.oci.errors import RegistryUnreachable
+
+__all__ = ["MAX_REDIRECTS", "RetryPolicy", "Transport", "is_loopback", "redact_url"]
+
+log = logging.getLogger("barge.oci")
+
+MAX_REDIRECTS = 5
+USER_AGENT = "barge/0.1 (+https://github.com/barge)"
+BLOCKSIZE = 1 << 20
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff with full jitter, bounded in attempts and total time."""
+
+    attempts: int = 6  # total tries for one step, including the first
+    base: float = 0.5  # first backoff (seconds), doubled each time
+    cap: float = 15.0  # longest single sleep
+    total: float = 120.0  # give up once this much time has been spent on one step
+    retry_after_cap: float = 60.0  # longest Retry-After we honour
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.retry_after_cap)
+        return random.uniform(0, min(self.cap, self.base * (2**attempt)))
+
+
+def is_loopback(host: str) -> bool:
+    h = host.strip("[]").lower()
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+_SECRET_QUERY = ("signature", "token", "credential", "sig", "key-pair-id", "policy", "x-amz-")
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    out = []
+    for item in parts.query.split("&"):
+        k, sep, _v = item.partition("=")
+        if sep and any(s in k.lower() for s in _SECRET_QUERY):
+            out.append(f"{k}=REDACTED")
+        else:
+            out.append(item)
+    return parts._replace(query="&".join(out)).geturl()
+
+
+def split_host(registry: str) -> tuple[str, int | None]:
+    """``host:port`` / ``[v6]:port`` -> (host without brackets, port)."""
+    if registry.startswith("["):
+        host, _, rest = registry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        return host, int(port) if port else None
+    host, sep, port = registry.rpartition(":")
+    if sep and port.isdigit():
+        return host, int(port)
+    return registry, None
+
+
+def _origin(url: str) -> tuple[str, str]:
+    p = urlsplit(url)
+    default = 443 if p.scheme == "https" else 80
+    return p.scheme, f"{(p.hostname or '').lower()}:{p.port or default}"
+
+
+def _certs_dir(home: Path, registry: str) -> Path:
+    return home / "certs.d" / registry
+
+
+class Transport:
+    """Pooled, thread-safe HTTP for one registry host."""
+
+    def __init__(self, registry: str, *, insecure: bool, home: Path, debug: bool) -> None:
+        self.registry = registry
+        # docker.io is a name; its API lives on registry-1.docker.io
+        self.api_host = (
+            "registry-1.docker.io" if registry in ("docker.io", "index.docker.io") else registry
+        )
+        self.host, self.port = split_host(self.api_host)
+        self.insecure = insecure
+        self.loopback = is_loopback(self.host)
+        self.debug = debug
+        self.home = home
+        self._lock = threading.Lock()
+        self._base: str | None = None
+        timeout = urllib3.Timeout(connect=15.0, read=120.0)
+        common: dict[str, Any] = dict(
+            num_pools=8,
+            maxsize=16,
+            block=False,
+            retries=False,
+            timeout=timeout,
+            blocksize=BLOCKSIZE,
+        )
+        self._verified = urllib3.PoolManager(ssl_context=self._ssl_context(), **common)
+        self._unverified: urllib3.PoolManager | None = None
+        if insecure:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            self._unverified = urllib3.PoolManager(
+                ssl_context=ctx, cert_reqs="CERT_NONE", assert_hostname=False, **common
+            )
+        if debug and not log.handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("barge: debug: %(message)s"))
+            log.addHandler(handler)
+        if debug:
+            log.setLevel(logging.DEBUG)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+        cafile = os.environ.get("SSL_CERT_FILE")
+        if cafile and os.path.isfile(cafile):
+            ctx.load_verify_locations(cafile=cafile)
+        d = _certs_dir(self.home, self.registry)
+        if d.is_dir():
+            for crt in sorted(d.glob("*.crt")):
+                ctx.load_verify_locations(cafile=str(crt))
+            cert, key = d / "client.cert", d / "client.key"
+            if cert.is_file() and key.is_file():
+                ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+    def close(self) -> None:
+        self._verified.clear()
+        if self._unverified is not None:
+            self._unverified.clear()
+
+    # -- scheme ---------------------------------------------------------------------------
+    def base_url(self) -> str:
+        """``https://host:port`` or ``http://host:port``, decided once (probing if needed)."""
+        with self._lock:
+            if self._base is None:
+                self._base = self._probe()
+            return self._base
+
+    def _probe(self) -> str:
+        https = f"https://{self.api_host}"
+        http = f"http://{self.api_host}"
+        if not (self.insecure or self.loopback):
+            return https
+        try:
+            r = self._pool_for(https).request(
+                "GET",
+                https + "/v2/",
+                preload_content=False,
+                redirect=False,
+                headers={"User-Agent": USER_AGENT},
+            )
+            r.drain_conn()
+            r.release_conn()
+            return https
+        except SSLError as e:
+            if not self.insecure and _is_verify_error(e):
+                raise RegistryUnreachable(
+                    f"cannot reach registry {self.registry}: TLS certificate not trusted ({_reason(e)})",
+                    hint=f"put the registry's CA certificate in {_certs_dir(self.home, self.registry)}/ca.crt",
+                ) from None
+            log.debug("%s: HTTPS failed (%s); using plain HTTP", self.registry, _reason(e))
+            return http
+        except Urllib3Error as e:
+            log.debug("%s: HTTPS failed (%s); using plain HTTP", self.registry, _reason(e))
+            return http
+
+    def _pool_for(self, url: str) -> urllib3.PoolManager:
+        if (
+            self._unverified is not None
+            and _origin(url)[1] == _origin(f"https://{self.api_host}")[1]
+        ):
+            return self._unverified
+        return self._verified
+
+    def is_registry_url(self, url: str) -> bool:
+        return _origin(url) == _origin(self.base_url())
+
+    def resolve(self, location: str, base: str | None = None) -> str:
+        return urljoin(base or self.base_url() + "/", location)
+
+    # -- one exchange -----------------------------------------------------------------------
+    def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: Any = None,
+        *,
+        follow: bool = True,
+        body_again: Any = None,
+    ) -> tuple[urllib3.BaseHTTPResponse, str]:
+        """Send one request following redirects; returns (response, final url).
+
+        The response body is not read (``preload_content=False``). ``body_again`` is a
+        zero-argument callable producing a fresh body for a 307/308 replay.
+        """
+        hdrs = dict(headers)
+        hdrs.setdefault("User-Agent", USER_AGENT)
+        for hop in range(MAX_REDIRECTS + 1):
+            self._log_request(method, url, hdrs)
+            try:
+                resp = self._pool_for(url).request(
+                    method,
+                    url,
+                    headers=hdrs,
+                    body=body,
+                    preload_content=False,
+                    decode_content=False,
+                    redirect=False,
+                    retries=False,
+                )
+            except Urllib3Error as e:
+                raise _unreachable(self.registry, url, e) from None
+            self._log_response(resp)
+            if not follow or resp.status not in (301, 302, 303, 307, 308):
+                return resp, url
+            location = resp.headers.get("Location")
+            if not location or hop == MAX_REDIRECTS:
+                return resp, url
+            resp.drain_conn()
+            resp.release_conn()
+            target = urljoin(url, location)
+            if _origin(target) != _origin(url):
+                hdrs.pop("Authorization", None)
+            if resp.status == 303 or (resp.status in (301, 302) and method not in ("GET", "HEAD")):
+                method, body = "GET", None
+                hdrs.pop("Content-Length", None)
+                hdrs.pop("Content-Type", None)
+            elif body is not None:
+                body = body_again() if body_again is not None else body
+            url = target
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def fetch(self, url: str, headers: dict[str, str]) -> tuple[int, bytes, Mapping[str, str]]:
+        """Small GET (token endpoint); body read fully, at most 1 MiB."""
+        resp, _ = self.send("GET", url, headers)
+        try:
+            data = resp.read(1 << 20, decode_content=True)
+        finally:
+            resp.release_conn()
+        return resp.status, data, resp.headers
+
+    # -- debug ------------------------------------------------------------------------------
+    def _log_request(self, method: str, url: str, headers: Mapping[str, str]) -> None:
+        if not self.debug:
+            return
+        shown = {
+            k: ("REDACTED" if k.lower() in ("authorization", "cookie") else v)
+            for k, v in headers.items()
+        }
+        log.debug("> %s %s %s", method, redact_url(url), shown)
+
+    def _log_response(self, resp: urllib3.BaseHTTPResponse) -> None:
+        if not self.debug:
+            return
+        shown = {
+            k: (redact_url(v) if k.lower() == "location" else v)
+            for k, v in resp.headers.items()
+            if k.lower() != "set-cookie"
+        }
+        log.debug("< %s %s", resp.status, shown)
+
+
+def _is_verify_error(e: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return True
+        if "CERTIFICATE_VERIFY_FAILED" in str(cur) or "certificate verify failed" in str(cur):
+            return True
+        for a in getattr(cur, "args", ()):
+            if isinstance(a, BaseException) and _is_verify_error(a):
+                return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _reason(e: BaseException) -> str:
+    cur: BaseException = e
+    for _ in range(5):
+        nxt = getattr(cur, "reason", None) or cur.__cause__ or cur.__context__
+        if not isinstance(nxt, BaseException):
+            break
+        cur = nxt
+    if isinstance(cur, ConnectionRefusedError) or "Connection refused" in str(cur):
+        return "connection refused"
+    if isinstance(cur, ssl.SSLError):
+        return f"TLS error: {cur.reason or cur}"
+    text = str(cur)
+    # urllib3 messages embed the connection object's repr; keep the end
+    if ": " in text and "object at 0x" in text:
+        text = text.rsplit(": ", 1)[-1]
+    return text or type(cur).__name__
+
+
+def _unreachable(registry: str, url: str, e: BaseException) -> RegistryUnreachable:
+    reason = _reason(e)
+    host = urlsplit(url).netloc
+    where = registry if _origin(url)[1].split(":")[0] in registry else f"{registry} (via {host})"
+    hint = None
+    if isinstance(e, SSLError) and _is_verify_error(e):
+        hint = "put the registry's CA certificate in $BARGE_HOME/certs.d/HOST:PORT/ca.crt"
+        reason = f"TLS certificate not trusted ({reason})"
+    err = RegistryUnreachable(f"cannot reach registry {where}: {reason}", hint=hint)
+    err.__cause__ = None
+    err.retryable = not (isinstance(e, SSLError) and _is_verify_error(e))  # type: ignore[attr-defined]
+    return err
+
+
+def header_list(value: str | None) -> Iterable[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
