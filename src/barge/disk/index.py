@@ -521,7 +521,7 @@ def _chunk_from_json(v: Any, where: str, disk: str, fs: int) -> ChunkMeta:
         else:
             if len(fobj) != 2:
                 raise IntegrityError(f"{where}.frames[{i}] must be [csize, hex] or [0]")
-            csize = _int(fobj[0], f"{where}.frames[{i}][0]", 1, MAX_FRAME_SIZE * 2)
+            csize = _int(fobj[0], f"{where}.frames[{i}] csize", 1, MAX_FRAME_SIZE * 2)
             hexd = fobj[1]
             if not isinstance(hexd, str) or not _HEX64.fullmatch(hexd):
                 raise IntegrityError(f"{where}.frames[{i}][1] is not 64 lowercase hex digits")

@@ -1,0 +1,93 @@
+"""Chunk sizing against layer caps; per-registry tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from barge.disk.sizing import (
+    choose_chunk_size,
+    count_layers,
+    default_upload_chunk_size,
+    format_size,
+    known_layer_limit,
+)
+from barge.errors import LimitError, UsageError
+
+MiB = 1 << 20
+GiB = 1 << 30
+FS = 4 * MiB
+
+
+def test_default_fits() -> None:
+    d = choose_chunk_size({"root": 20 * GiB}, max_layers=127, other_layers=3)
+    assert (d.chunk_size, d.layers, d.reason) == (512 * MiB, 40, None)
+    d = choose_chunk_size({"root": 20 * GiB})  # no cap known
+    assert d.reason is None and d.layers == 40
+
+
+def test_raised_to_smallest_fit() -> None:
+    disks = {"root": 100 * GiB, "data": 30 * GiB + 1}
+    d = choose_chunk_size(disks, max_layers=127, other_layers=3)
+    assert d.chunk_size % FS == 0 and d.chunk_size > 512 * MiB
+    assert d.layers == count_layers(disks, d.chunk_size) <= 124
+    assert count_layers(disks, d.chunk_size - FS) > 124  # smallest that fits
+    assert d.reason is not None and "512 MiB" in d.reason and "127" in d.reason
+    assert "\n" not in d.reason
+
+
+def test_exact_boundary() -> None:
+    # 124 chunks of 512 MiB exactly fit 127 - 3
+    d = choose_chunk_size({"root": 124 * 512 * MiB}, max_layers=127, other_layers=3)
+    assert d.chunk_size == 512 * MiB and d.layers == 124
+    d = choose_chunk_size({"root": 124 * 512 * MiB + 1}, max_layers=127, other_layers=3)
+    assert d.chunk_size == 512 * MiB + FS and d.layers == 124
+
+
+def test_impossible_cap() -> None:
+    with pytest.raises(LimitError) as ei:
+        choose_chunk_size({"root": 2048 * GiB}, max_layers=20, other_layers=3, max_chunk=8 * GiB)
+    msg = str(ei.value)
+    assert "256 layers" in msg and "8 GiB" in msg and "20" in msg
+    with pytest.raises(LimitError):
+        choose_chunk_size({"a": 1, "b": 1}, max_layers=3, other_layers=3)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(UsageError):
+        choose_chunk_size({"a": 1}, default_chunk=FS + 1)
+
+
+@pytest.mark.parametrize(
+    ("host", "limit"),
+    [
+        ("123456789012.dkr.ecr.us-east-1.amazonaws.com", 127),
+        ("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn", 127),
+        ("123456789012.DKR.ECR.eu-west-1.amazonaws.com:443", 127),
+        ("ghcr.io", None),
+        ("localhost:5000", None),
+        ("[::1]:5000", None),
+    ],
+)
+def test_known_layer_limit(host: str, limit: int | None) -> None:
+    assert known_layer_limit(host) == limit
+
+
+@pytest.mark.parametrize(
+    ("host", "size"),
+    [
+        ("ghcr.io", 4 * MiB),
+        ("1.dkr.ecr.us-west-2.amazonaws.com", 10 * MiB),
+        ("europe-west1-docker.pkg.dev", None),
+        ("gcr.io", None),
+        ("eu.gcr.io", None),
+        ("registry-1.docker.io", None),
+    ],
+)
+def test_default_upload_chunk_size(host: str, size: int | None) -> None:
+    assert default_upload_chunk_size(host) == size
+
+
+def test_format_size() -> None:
+    assert format_size(512 * MiB) == "512 MiB"
+    assert format_size(3 * GiB // 2) == "1.50 GiB"
+    assert format_size(10) == "10 B"
