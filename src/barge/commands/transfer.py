@@ -92,3 +92,44 @@ def push(
         )
     for ref in res.references:
         click.echo(f"{ref}@{res.digest}" if not quiet else res.digest)
+
+
+@main.command()
+@click.argument("reference")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option(
+    "--platform", help="OS/ARCH to pick from a multi-platform index (default: this host)."
+)
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@format_option
+def pull(
+    reference: str, concurrency: int, platform: str | None, insecure: bool, quiet: bool, fmt: str
+) -> None:
+    """Pull an image into the local cache (verified, sparse, fetching only what changed)."""
+    from barge.pull import PullOptions
+    from barge.pull import pull as do_pull
+
+    reporter = ConsoleReporter(quiet=quiet or fmt == "json")
+    try:
+        res = do_pull(
+            Store(),
+            reference,
+            PullOptions(concurrency=concurrency, insecure=insecure, platform=platform),
+            reporter,
+        )
+    finally:
+        reporter.close()
+    if fmt == "json":
+        emit_json(res.to_json())
+        return
+    if res.up_to_date:
+        click.echo(f"{reference} is up to date ({res.digest})")
+        return
+    s = res.stats
+    if not quiet:
+        click.echo(
+            f"fetched {fmt_size(s.fetched_bytes)}, reused {fmt_size(s.reused_bytes)} from local data",
+            err=True,
+        )
+    click.echo(f"pulled {reference}@{res.digest}")

@@ -1,0 +1,681 @@
+"""Pull: copy an image from a registry (or an OCI layout) into the local cache.
+
+The copy pipeline reversed: the disk codec decodes at the edge. A pulled image is an immutable,
+verified VM directory under ``cache/<manifest hex>``; the catalog maps the exact reference the
+user typed (registry incl. port, repository, tag) to its digest.
+
+* Order-independent: every barge chunk is written at the offset its annotation and the
+  (digest-verified) frame index name; the manifest's layer order is never used. Tart and Vetu
+  images carry no offsets, so for them layer order is the only information there is (unless a
+  Tart image carries barge's ``dev.barge.disk.offset`` annotations).
+* Verified: every compressed blob digest, every frame and chunk uncompressed digest.
+* Sparse: zero frames and zero 4 KiB blocks become holes.
+* Resumable and leased: work happens in ``tmp/pull-<hex>`` under a lease, is renamed into
+  place only when complete; a re-run re-verifies what is already on disk and fetches the rest.
+  One process pulls an image at a time (a per-image lock); the others wait and find it cached.
+* Incremental: a cached image sharing frames (an earlier version of the repository) is cloned
+  as the base, and only frames that differ are fetched, with coalesced HTTP Range requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform as _platform
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from barge.disk import applelz4, lz4frame
+from barge.disk.codec import Codec
+from barge.disk.decoder import DecodeBuffers, decode_chunk, decode_frame, write_zero_aware
+from barge.disk.index import ChunkMeta, FrameIndex, FrameRef
+from barge.disk.sparse import allocated_bytes, clone_file, data_extents, punch_hole
+from barge.endpoints import End, LayoutEnd, RegistryEnd, parse_location
+from barge.errors import IntegrityError, NotFoundError, UnsupportedError, UsageError
+from barge.formats import detect_format
+from barge.formats import tart as tartfmt
+from barge.formats import vetu as vetufmt
+from barge.image import MAX_SMALL_BLOB, parse_barge_manifest
+from barge.oci.client import RegistryClient
+from barge.oci.types import INDEX_TYPES, Manifest
+from barge.progress import NullReporter, Reporter
+from barge.store import Disk, Store, VMConfig
+from barge.store.catalog import ChunkRow
+from barge.store.store import fsync_tree
+from barge.store.vmconfig import FROM_OCI_ARCH, random_mac
+
+MAX_INDEX_BLOB = 256 << 20
+RANGE_GAP = 0  # frames are merged into one Range request only when adjacent
+
+
+def host_platform() -> str:
+    m = _platform.machine().lower()
+    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(m, m)
+    return f"linux/{arch}"
+
+
+@dataclass
+class PullOptions:
+    concurrency: int = 2
+    insecure: bool = False
+    platform: str | None = None
+
+
+@dataclass
+class PullStats:
+    fetched_bytes: int = 0  # compressed bytes downloaded for disks
+    reused_bytes: int = 0  # uncompressed disk bytes taken from local data (base or resume)
+    written_bytes: int = 0
+    range_requests: int = 0
+    whole_layers: int = 0
+
+
+@dataclass
+class PullResult:
+    reference: str
+    digest: str
+    format: str
+    path: Path
+    up_to_date: bool
+    stats: PullStats = field(default_factory=PullStats)
+    base: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "digest": self.digest,
+            "format": self.format,
+            "upToDate": self.up_to_date,
+            "fetchedBytes": self.stats.fetched_bytes,
+            "reusedBytes": self.stats.reused_bytes,
+            "writtenBytes": self.stats.written_bytes,
+            "rangeRequests": self.stats.range_requests,
+            "wholeLayers": self.stats.whole_layers,
+            "base": self.base,
+            "notes": self.notes,
+        }
+
+
+def select_platform(end: End, manifest: Manifest, want: str | None) -> Manifest:
+    """Resolve an index to the manifest for ``want`` (default: this host's platform)."""
+    if manifest.media_type not in INDEX_TYPES:
+        return manifest
+    index = manifest.index()
+    target = want or host_platform()
+    parts = target.split("/")
+    if len(parts) < 2:
+        raise UsageError(f"invalid --platform {target!r}: expected OS/ARCH, e.g. linux/amd64")
+    os_name, arch = parts[0], parts[1]
+    variant = parts[2] if len(parts) > 2 else None
+    available = []
+    for d in index.manifests:
+        p = d.platform
+        if p is None:
+            continue
+        available.append(str(p))
+        if p.os == os_name and p.architecture == arch and (variant is None or p.variant == variant):
+            return end.get_manifest(d.digest)
+    raise NotFoundError(
+        f"the image index has no manifest for {target}",
+        hint=f"available: {', '.join(available) or 'none'}; choose one with --platform",
+    )
+
+
+class Puller:
+    def __init__(self, store: Store, opts: PullOptions, reporter: Reporter | None = None) -> None:
+        self.store = store
+        self.opts = opts
+        self.reporter = reporter or NullReporter()
+        self.stats = PullStats()
+        self.notes: list[str] = []
+        self._lock = threading.Lock()
+        self._client: RegistryClient | None = None
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        self.reporter.note(msg)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def _count(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    # -- entry -----------------------------------------------------------------------------
+    def open_source(self, text: str) -> tuple[End, str, str, str, str]:
+        """(end, registry, repository, tag, manifest reference) for a source location."""
+        loc = parse_location(text, allow_vm=False)
+        if loc.kind == "registry":
+            assert loc.ref is not None
+            ref = loc.ref
+            if ref.tag is None and ref.digest is None:
+                ref = ref.with_tag("latest")
+                self.note(f"no tag given: pulling {ref}")
+            self._client = RegistryClient(
+                ref.registry, insecure=self.opts.insecure, home=self.store.home
+            )
+            end: End = RegistryEnd(self.store, self._client, ref)
+            return end, ref.registry, ref.repository, ref.tag or "", ref.ref
+        if loc.kind in ("oci", "oci-archive"):
+            assert loc.path is not None
+            lend = LayoutEnd(loc.path, loc.tag, archive=loc.kind == "oci-archive")
+            return lend, loc.kind, str(loc.path.absolute()), loc.tag or "", loc.tag or "latest"
+        raise UsageError(f"cannot pull {text!r}")
+
+    def pull(self, text: str) -> PullResult:
+        end, registry, repository, tag, reference = self.open_source(text)
+        top = end.get_manifest(reference)
+        manifest = select_platform(end, top, self.opts.platform)
+        digest = manifest.digest
+        shown = text
+        cat = self.store.catalog
+        path = self.store.image_path(digest)
+        hexd = path.name
+        with self.store.lease("pull") as lease_id:
+            cat.lease_add(lease_id, "image", [digest])
+            with self.store.lock_vm(f"img-{hexd[:16]}", wait=True):
+                row = cat.get_image(digest)
+                if row is not None and path.is_dir():
+                    cat.set_ref(registry, repository, tag, digest)
+                    cat.touch_image(digest)
+                    return PullResult(
+                        shown, digest, row.format, path, True, self.stats, None, self.notes
+                    )
+                staging = self.store.tmp_dir / f"pull-{hexd}"
+                cat.lease_add(lease_id, "path", [staging.name])
+                staging.mkdir(exist_ok=True)
+                fmt, base = self._materialise(end, manifest, staging, registry, repository, digest)
+                (staging / "manifest.json").write_bytes(manifest.data)
+                fsync_tree(staging)
+                if path.exists():  # a crashed earlier run got this far; the catalog says not
+                    import shutil
+
+                    shutil.rmtree(path)
+                os.rename(staging, path)
+                cat.add_image(digest, hexd, fmt, _dir_allocated(path))
+                cat.set_ref(registry, repository, tag, digest)
+                if isinstance(end, RegistryEnd):
+                    im = manifest.image()
+                    layers = [d.digest for d in im.layers] + [im.config.digest]
+                    cat.add_blob_locations(layers, registry, repository)
+        return PullResult(shown, digest, fmt, path, False, self.stats, base, self.notes)
+
+    def _materialise(
+        self,
+        end: End,
+        manifest: Manifest,
+        staging: Path,
+        registry: str,
+        repository: str,
+        digest: str,
+    ) -> tuple[str, str | None]:
+        try:
+            doc = json.loads(manifest.data)
+        except ValueError:
+            raise IntegrityError(f"manifest {digest} is not valid JSON") from None
+        fmt = detect_format(doc)
+        source = {"registry": registry, "repository": repository, "digest": digest, "format": fmt}
+        if fmt == "barge":
+            base = self._pull_barge(end, doc, staging, source)
+            return fmt, base
+        if fmt == "tart":
+            self._pull_tart(end, doc, staging, source)
+            return fmt, None
+        if fmt == "vetu":
+            self._pull_vetu(end, doc, staging, source)
+            return fmt, None
+        raise UnsupportedError(
+            f"{registry}/{repository}@{digest} is not a VM image (no barge, Tart or Vetu layers)",
+            hint="barge copy moves any image between registries",
+        )
+
+    # -- barge format ----------------------------------------------------------------------
+    def _pull_barge(
+        self, end: End, doc: dict[str, Any], staging: Path, source: dict[str, Any]
+    ) -> str | None:
+        img = parse_barge_manifest(doc)
+        index_data = _read_small(end, img.index.digest, MAX_INDEX_BLOB)
+        index = FrameIndex.from_bytes(index_data)
+        img.check_index(index)
+        cfg = VMConfig.from_bytes(_read_small(end, img.vm_config.digest, MAX_SMALL_BLOB))
+        disks = {d.name: d.size for d in cfg.disks}
+        if disks != {d.name: d.size for d in index.disks}:
+            raise IntegrityError("the VM config and the disk index disagree on disks and sizes")
+        for name, desc in img.files:
+            if name in disks or name in ("config.json", "manifest.json", "index.json"):
+                raise IntegrityError(f"file layer {name!r} collides with a disk or metadata file")
+            (staging / name).write_bytes(_read_small(end, desc.digest, MAX_SMALL_BLOB))
+        (staging / "index.json").write_bytes(index_data)
+
+        resumed = {n for n in disks if (staging / n).exists()}
+        base_dir, base_index = (None, None) if resumed else self._find_base(index, source)
+        base_label = None
+        if base_dir is not None and base_index is not None:
+            base_label = base_dir.name
+            for name, size in disks.items():
+                try:
+                    base_index.disk(name)
+                except KeyError:
+                    continue
+                clone_file(base_dir / name, staging / name)
+                os.truncate(staging / name, size)
+            self.note(f"using cached image sha256:{base_dir.name[:12]}… as a base")
+        for name, size in disks.items():
+            p = staging / name
+            with open(p, "ab") as f:
+                f.truncate(size)
+
+        # what is already right on disk, frame by frame
+        have = self._frames_present(index, staging, base_index, resumed)
+        work = self._plan_fetch(index, have)
+        total = sum(sum(m.frames[i].usize for i in need) for m, need, _ in work)
+        task = self.reporter.task("pulling", total)
+        fds = {n: os.open(staging / n, os.O_RDWR) for n in disks}
+        local = (
+            _LocalFrames(base_dir, base_index)
+            if base_dir is not None and base_index is not None
+            else None
+        )
+        tls = threading.local()
+        try:
+
+            def run(item: tuple[ChunkMeta, list[int], bool]) -> None:
+                meta, frames, whole = item
+                bufs = getattr(tls, "bufs", None)
+                if bufs is None or not bufs.fits(meta.frame_size):
+                    bufs = tls.bufs = DecodeBuffers(meta.frame_size)
+                self._fetch_chunk(end, fds[meta.disk], meta, frames, whole, bufs, local, task)
+
+            with ThreadPoolExecutor(
+                max(1, self.opts.concurrency), thread_name_prefix="pull"
+            ) as pool:
+                list(pool.map(run, work))
+            for fd in fds.values():
+                os.fsync(fd)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        src = dict(source)
+        cfg.source = src
+        (staging / "config.json").write_bytes(cfg.to_bytes())
+        self._index_chunks(index)
+        return base_label
+
+    def _find_base(
+        self, index: FrameIndex, source: dict[str, Any]
+    ) -> tuple[Path | None, FrameIndex | None]:
+        """The cached image sharing the most non-zero frame bytes at the same offsets."""
+        want: dict[tuple[str, int], str] = {}
+        for d in index.disks:
+            for c in d.chunks:
+                for f in c.frames:
+                    if not f.zero:
+                        want[(d.name, c.offset + f.uoffset)] = f.digest
+        if not want:
+            return None, None
+        best: tuple[int, Path, FrameIndex] | None = None
+        same_repo = {
+            r.digest
+            for r in self.store.catalog.refs()
+            if r.registry == source["registry"] and r.repository == source["repository"]
+        }
+        for img in self.store.cached_images():
+            p = self.store.cache_dir / img.dirname
+            try:
+                other = FrameIndex.from_bytes((p / "index.json").read_bytes())
+            except (OSError, IntegrityError, UnsupportedError):
+                continue
+            score = 0
+            for d in other.disks:
+                for c in d.chunks:
+                    for f in c.frames:
+                        if not f.zero and want.get((d.name, c.offset + f.uoffset)) == f.digest:
+                            score += f.usize
+            if score == 0:
+                continue
+            key = score + (1 if img.digest in same_repo else 0)
+            if best is None or key > best[0]:
+                best = (key, p, other)
+        if best is None:
+            return None, None
+        return best[1], best[2]
+
+    def _frames_present(
+        self,
+        index: FrameIndex,
+        staging: Path,
+        base: FrameIndex | None,
+        resumed: set[str],
+    ) -> set[tuple[str, int]]:
+        """(disk, offset) of frames whose bytes are already right in the staging disk."""
+        have: set[tuple[str, int]] = set()
+        if base is not None:
+            base_frames = {
+                (d.name, fr.offset): fr.digest for d in base.disks for fr in d.iter_frames()
+            }
+            for d in index.disks:
+                for fr in d.iter_frames():
+                    if base_frames.get((d.name, fr.offset)) == fr.digest:
+                        have.add((d.name, fr.offset))
+                        if not fr.zero:
+                            self._count(reused_bytes=fr.usize)
+        for name in resumed:  # re-verify what an interrupted run wrote
+            disk = index.disk(name)
+            fd = os.open(staging / name, os.O_RDONLY)
+            try:
+                for fr in disk.iter_frames():
+                    if _frame_matches(fd, fr):
+                        have.add((name, fr.offset))
+                        if not fr.zero:
+                            self._count(reused_bytes=fr.usize)
+            finally:
+                os.close(fd)
+        return have
+
+    @staticmethod
+    def _plan_fetch(
+        index: FrameIndex, have: set[tuple[str, int]]
+    ) -> list[tuple[ChunkMeta, list[int], bool]]:
+        """Per chunk: the frame numbers still needed, and whether the whole layer is needed
+        onto a range that reads as zeros (then one streaming GET decodes it)."""
+        work = []
+        for d in index.disks:
+            for c in d.chunks:
+                need = [
+                    i for i, f in enumerate(c.frames) if (d.name, c.offset + f.uoffset) not in have
+                ]
+                if not need:
+                    continue
+                whole = len(need) == len(c.frames)
+                work.append((c, need, whole))
+        # big layers first keeps the workers busy to the end
+        work.sort(key=lambda w: -w[0].size)
+        return work
+
+    def _fetch_chunk(
+        self,
+        end: End,
+        fd: int,
+        meta: ChunkMeta,
+        need: list[int],
+        whole: bool,
+        bufs: DecodeBuffers,
+        local: _LocalFrames | None,
+        task: Any,
+    ) -> None:
+        if whole:
+            if _has_data(fd, meta.offset, meta.length):
+                _clear(fd, meta.offset, meta.length)
+            with end.open_blob(meta.digest) as src:
+                decode_chunk(
+                    src,
+                    fd,
+                    meta,
+                    buffers=bufs,
+                    verify_layer=not isinstance(end, RegistryEnd),
+                    progress=task.advance,
+                )
+            self._count(fetched_bytes=meta.size, whole_layers=1)
+            return
+        codec = Codec(meta.codec)
+        remote: list[int] = []
+        for i in need:
+            f = meta.frames[i]
+            off = meta.offset + f.uoffset
+            _clear(fd, off, f.usize)
+            if f.zero:
+                task.advance(f.usize)
+                continue
+            data = local.read(f.digest, f.usize) if local is not None else None
+            if data is not None:
+                write_zero_aware(fd, off, data)
+                self._count(reused_bytes=f.usize)
+                task.advance(f.usize)
+                continue
+            remote.append(i)
+        for run in _runs(meta, remote):
+            first, last = meta.frames[run[0]], meta.frames[run[-1]]
+            length = last.coffset + last.csize - first.coffset
+            self._count(range_requests=1, fetched_bytes=length)
+            with end.open_blob(meta.digest, first.coffset) as src:
+                for i in run:
+                    f = meta.frames[i]
+                    cv = memoryview(bufs.cbuf)[: f.csize]
+                    _read_exact(src, cv, meta.digest)
+                    data = decode_frame(cv, f, codec)
+                    write_zero_aware(fd, meta.offset + f.uoffset, data)
+                    task.advance(f.usize)
+
+    def _index_chunks(self, index: FrameIndex) -> None:
+        """Fill the chunk index so a push of a clone of this image uploads nothing."""
+        cat = self.store.catalog
+        for c in index.chunks:
+            cat.put_chunk(
+                ChunkRow(
+                    c.udigest,
+                    c.codec,
+                    c.frame_size,
+                    c.media_type,
+                    c.digest,
+                    c.size,
+                    [[f.csize, f.digest.removeprefix("sha256:")] for f in c.frames],
+                )
+            )
+
+    # -- Tart and Vetu ---------------------------------------------------------------------
+    def _pull_tart(
+        self, end: End, doc: dict[str, Any], staging: Path, source: dict[str, Any]
+    ) -> None:
+        img = tartfmt.parse_tart_manifest(doc)
+        if img.offsets_from == "order":
+            self.note(
+                "Tart image without offsets: disk chunks placed by layer order (as Tart does)"
+            )
+        vm_json = _read_small(end, img.vm_config.digest, tartfmt.MAX_VM_CONFIG_SIZE)
+        info = tartfmt.tart_vm_info(vm_json)
+        nvram = _read_small(end, img.nvram.digest, MAX_SMALL_BLOB)
+        oci_cfg = _read_small(end, img.config.digest, MAX_SMALL_BLOB)
+        (staging / "tart-config.json").write_bytes(vm_json)
+        (staging / "nvram.bin").write_bytes(nvram)
+        (staging / "oci-config.json").write_bytes(oci_cfg)
+        disk = staging / "disk.img"
+        self._decode_streams(
+            end,
+            disk,
+            img.disk_size,
+            [
+                (c.descriptor.digest, c.descriptor.size, c.offset, c.size, c.digest)
+                for c in img.disk_chunks
+            ],
+            applelz4.decode_stream,
+        )
+        cfg = VMConfig.new(
+            os_name=str(info["os"]),
+            arch=FROM_OCI_ARCH.get(str(info["arch"]), str(info["arch"])),
+            cpus=int(info["cpuCount"]),
+            memory=int(info["memorySize"]),
+            disks=[Disk("disk.img", img.disk_size)],
+            mac=str(info.get("macAddress") or random_mac()),
+        )
+        cfg.source = source
+        (staging / "config.json").write_bytes(cfg.to_bytes())
+
+    def _pull_vetu(
+        self, end: End, doc: dict[str, Any], staging: Path, source: dict[str, Any]
+    ) -> None:
+        img = vetufmt.parse_vetu_manifest(doc)
+        vm_json = _read_small(end, img.vm_config.digest, MAX_SMALL_BLOB)
+        (staging / "vetu-config.json").write_bytes(vm_json)
+        (staging / "kernel").write_bytes(_read_small(end, img.kernel.digest, MAX_SMALL_BLOB * 4))
+        if img.initramfs is not None:
+            (staging / "initramfs").write_bytes(
+                _read_small(end, img.initramfs.digest, MAX_SMALL_BLOB * 8)
+            )
+        try:
+            vm = json.loads(vm_json)
+        except ValueError:
+            raise IntegrityError("Vetu VM config is not valid JSON") from None
+        if not isinstance(vm, dict):
+            raise IntegrityError("Vetu VM config is not a JSON object")
+        disks = []
+        for d in img.disks:
+            self._decode_streams(
+                end,
+                staging / d.name,
+                d.size,
+                [
+                    (c.descriptor.digest, c.descriptor.size, c.offset, c.size, c.digest)
+                    for c in d.chunks
+                ],
+                lz4frame.decode_stream,
+            )
+            disks.append(Disk(d.name, d.size))
+        arch = str(vm.get("arch", "amd64"))
+        cpus = vm.get("cpuCount", 1)
+        mem = vm.get("memorySize", 1 << 30)
+        cfg = VMConfig.new(
+            os_name="linux",
+            arch=FROM_OCI_ARCH.get(arch, "x86_64"),
+            cpus=cpus if isinstance(cpus, int) and cpus > 0 else 1,
+            memory=mem if isinstance(mem, int) and mem > 0 else 1 << 30,
+            disks=disks,
+            boot="kernel",
+        )
+        cfg.source = source
+        (staging / "config.json").write_bytes(cfg.to_bytes())
+
+    def _decode_streams(
+        self,
+        end: End,
+        path: Path,
+        size: int,
+        chunks: list[tuple[str, int, int, int, str]],
+        decoder: Callable[..., Iterator[bytes]],
+    ) -> None:
+        """Decode whole-stream chunks (Tart's Apple LZ4, Vetu's LZ4 frames) at their offsets,
+        verifying each compressed digest (by the reader) and each uncompressed digest."""
+        with open(path, "wb") as f:
+            f.truncate(size)
+        total = sum(c[3] for c in chunks)
+        task = self.reporter.task(f"pulling {path.name}", total)
+        fd = os.open(path, os.O_RDWR)
+        try:
+
+            def run(c: tuple[str, int, int, int, str]) -> None:
+                digest, csize, offset, usize, udigest = c
+                h = hashlib.sha256()
+                pos = offset
+                with end.open_blob(digest) as src:
+                    for piece in decoder(src, expected_size=usize):
+                        h.update(piece)
+                        write_zero_aware(fd, pos, piece)
+                        pos += len(piece)
+                        task.advance(len(piece))
+                if "sha256:" + h.hexdigest() != udigest:
+                    raise IntegrityError(
+                        f"layer {digest} decodes to sha256:{h.hexdigest()}, its annotation "
+                        f"says {udigest}"
+                    )
+                self._count(fetched_bytes=csize, whole_layers=1)
+
+            with ThreadPoolExecutor(max(1, self.opts.concurrency)) as pool:
+                list(pool.map(run, chunks))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _LocalFrames:
+    """Frames of a base image found by digest at any offset (for moved data)."""
+
+    def __init__(self, base_dir: Path, index: FrameIndex) -> None:
+        self.dir = base_dir
+        self.where: dict[str, tuple[str, int]] = {}
+        for d in index.disks:
+            for c in d.chunks:
+                for f in c.frames:
+                    if not f.zero:
+                        self.where.setdefault(f.digest, (d.name, c.offset + f.uoffset))
+
+    def read(self, digest: str, usize: int) -> bytes | None:
+        loc = self.where.get(digest)
+        if loc is None:
+            return None
+        with open(self.dir / loc[0], "rb") as f:
+            data = os.pread(f.fileno(), usize, loc[1])
+        if len(data) != usize or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            return None
+        return data
+
+
+def _runs(meta: ChunkMeta, frames: list[int]) -> Iterator[list[int]]:
+    """Group frame numbers into runs that are contiguous in the compressed layer."""
+    run: list[int] = []
+    for i in frames:
+        if run:
+            prev = meta.frames[run[-1]]
+            if prev.coffset + prev.csize + RANGE_GAP < meta.frames[i].coffset:
+                yield run
+                run = []
+        run.append(i)
+    if run:
+        yield run
+
+
+def _read_exact(src: BinaryIO, view: memoryview, digest: str) -> None:
+    got = 0
+    while got < len(view):
+        n = src.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            raise IntegrityError(f"layer {digest}: range ended after {got} of {len(view)} bytes")
+        got += n
+
+
+def _frame_matches(fd: int, fr: FrameRef) -> bool:
+    if not _has_data(fd, fr.offset, fr.usize):
+        return fr.zero
+    data = os.pread(fd, fr.usize, fr.offset)
+    return "sha256:" + hashlib.sha256(data).hexdigest() == fr.digest
+
+
+def _has_data(fd: int, off: int, length: int) -> bool:
+    return any(True for _ in data_extents(fd, off, off + length))
+
+
+def _clear(fd: int, off: int, length: int) -> None:
+    """Make a range read as zeros (a hole where the filesystem can)."""
+    if not _has_data(fd, off, length):
+        return
+    if not punch_hole(fd, off, length):
+        os.pwrite(fd, bytes(length), off)
+
+
+def _read_small(end: End, digest: str, max_size: int) -> bytes:
+    reader = getattr(end, "read_blob", None)
+    if reader is None:
+        raise UsageError(f"{end.label} cannot read blobs")
+    data: bytes = reader(digest, max_size)
+    return data
+
+
+def _dir_allocated(path: Path) -> int:
+    return sum(allocated_bytes(p) for p in path.iterdir() if p.is_file())
+
+
+def pull(
+    store: Store, text: str, opts: PullOptions | None = None, reporter: Reporter | None = None
+) -> PullResult:
+    puller = Puller(store, opts or PullOptions(), reporter)
+    try:
+        return puller.pull(text)
+    finally:
+        puller.close()
