@@ -245,7 +245,7 @@ label = st.from_regex(r"\A[A-Za-z0-9](?:[A-Za-z0-9-]{0,10}[A-Za-z0-9])?\Z")
 port_st = st.integers(min_value=1, max_value=65535)
 
 
-def _ipv6_literal(addr: ipaddress.IPv6Address) -> str:
+def _ipv6_literal(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return "[" + addr.compressed + "]"
 
 
