@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from barge.store import Store, VMConfig
+from barge.errors import ConflictError, NotFoundError
+from barge.local import CloneResult, clone_dir
+from barge.progress import Reporter
+from barge.pull import PullOptions, PullResult, pull
+from barge.reference import parse
+from barge.store import Store, VMConfig, validate_vm_name
 from barge.store.catalog import ImageRow
 
 
@@ -51,3 +56,65 @@ def list_cached(store: Store) -> list[dict[str, Any]]:
         rows += cached_image_info(store, img)
     rows.sort(key=lambda r: str(r["name"]))
     return rows
+
+
+def clone_image(
+    store: Store,
+    ref_text: str,
+    name: str,
+    opts: PullOptions | None = None,
+    reporter: Reporter | None = None,
+) -> tuple[PullResult, CloneResult]:
+    """Pull ``ref_text`` if needed, then make local VM ``name`` from it copy-on-write."""
+    validate_vm_name(name)
+    if store.vm_exists(name):
+        raise ConflictError(f"a VM named {name!r} already exists")
+    with store.lease("clone") as lease_id:
+        res = pull(store, ref_text, opts, reporter)
+        store.catalog.lease_add(lease_id, "image", [res.digest])
+        lock = store.image_lock(res.digest, shared=True, wait=True)
+        try:
+            if not res.path.is_dir():
+                raise NotFoundError(f"cached image {res.digest} vanished; pull again")
+            cfg = VMConfig.from_bytes((res.path / "config.json").read_bytes())
+            with store.lock_vm(name):
+                if store.vm_exists(name):
+                    raise ConflictError(f"a VM named {name!r} already exists")
+                cloned = clone_dir(store, res.path, cfg, name)
+        finally:
+            lock.release()
+        store.catalog.touch_image(res.digest)
+    return res, cloned
+
+
+def find_cached(store: Store, ref_text: str) -> list[tuple[str, str, str, str]]:
+    """(registry, repository, tag, digest) rows of the cache matching a reference."""
+    ref = parse(ref_text)
+    rows = []
+    for r in store.catalog.refs():
+        if r.registry != ref.registry or r.repository != ref.repository:
+            continue
+        if ref.digest and r.digest != ref.digest:
+            continue
+        if ref.tag and r.tag != ref.tag:
+            continue
+        if not ref.tag and not ref.digest and r.tag not in ("", "latest"):
+            continue
+        rows.append((r.registry, r.repository, r.tag, r.digest))
+    return rows
+
+
+def delete_cached(store: Store, ref_text: str) -> list[str]:
+    """Forget a cached reference; images no reference points at any more are removed
+    (unless an operation holds them under a lease). Returns the references removed."""
+    rows = find_cached(store, ref_text)
+    if not rows:
+        raise NotFoundError(f"no cached image {ref_text!r}", hint="see `barge list --source oci`")
+    for registry, repository, tag, digest in rows:
+        store.catalog.remove_ref(registry, repository, tag, digest)
+    digests = {r[3] for r in rows}
+    still = {r.digest for r in store.catalog.refs()}
+    orphans = digests - still
+    if orphans:
+        store.gc(only=orphans)
+    return [_ref_string(*r) for r in rows]

@@ -182,7 +182,8 @@ class Puller:
         hexd = path.name
         with self.store.lease("pull") as lease_id:
             cat.lease_add(lease_id, "image", [digest])
-            with self.store.lock_vm(f"img-{hexd[:16]}", wait=True):
+            lock = self.store.image_lock(digest, wait=True)
+            try:
                 row = cat.get_image(digest)
                 if row is not None and path.is_dir():
                     cat.set_ref(registry, repository, tag, digest)
@@ -207,6 +208,8 @@ class Puller:
                     im = manifest.image()
                     layers = [d.digest for d in im.layers] + [im.config.digest]
                     cat.add_blob_locations(layers, registry, repository)
+            finally:
+                lock.release()
         return PullResult(shown, digest, fmt, path, False, self.stats, base, self.notes)
 
     def _materialise(

@@ -185,14 +185,74 @@ def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
 @main.command()
 @click.argument("source")
 @click.argument("name")
-def clone(source: str, name: str) -> None:
-    """Clone a local VM (or, later, an image reference) into a new local VM."""
-    clone_local(source, name)
+@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--platform", help="OS/ARCH to pick from a multi-platform index.")
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def clone(
+    source: str, name: str, concurrency: int, platform: str | None, insecure: bool, quiet: bool
+) -> None:
+    """Clone a local VM, or an image REFERENCE (pulled if needed), into a new local VM."""
+    from barge.reference import looks_like_reference
+
+    if not looks_like_reference(source):
+        clone_local(source, name)
+        return
+    from barge.cache import clone_image
+    from barge.progress import ConsoleReporter
+    from barge.pull import PullOptions
+
+    reporter = ConsoleReporter(quiet=quiet)
+    try:
+        res, cloned = clone_image(
+            Store(),
+            source,
+            name,
+            PullOptions(concurrency=concurrency, insecure=insecure, platform=platform),
+            reporter,
+        )
+    finally:
+        reporter.close()
+    how = "copy-on-write" if cloned.method == "reflink" else "sparse copy"
+    click.echo(f"cloned {source}@{res.digest} to {name} ({how})")
 
 
 @main.command()
 @click.argument("names", nargs=-1, required=True)
 def delete(names: tuple[str, ...]) -> None:
-    """Delete local VMs."""
+    """Delete local VMs, or cached images by reference."""
+    from barge.cache import delete_cached
+    from barge.reference import looks_like_reference
+
     for n in names:
-        delete_local(n)
+        if looks_like_reference(n):
+            for ref in delete_cached(Store(), n):
+                click.echo(f"deleted {ref}")
+        else:
+            delete_local(n)
+
+
+@main.command()
+@click.option("--older-than", type=click.FloatRange(min=0), help="Remove images unused for DAYS.")
+@click.option("--space-budget", help="Keep the cache under SIZE (least recently used go first).")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@format_option
+def prune(older_than: float | None, space_budget: str | None, dry_run: bool, fmt: str) -> None:
+    """Remove cached images: unreferenced ones, and by age or space budget. Never one in use."""
+    store = Store()
+    budget = parse_size(space_budget, what="--space-budget") if space_budget else None
+    removed = store.gc(
+        older_than=older_than * 86400 if older_than is not None else None,
+        space_budget=budget,
+        dry_run=dry_run,
+    )
+    if fmt == "json":
+        emit_json(
+            [{"digest": r.digest, "sizeOnDisk": r.size_on_disk, "dryRun": dry_run} for r in removed]
+        )
+        return
+    verb = "would remove" if dry_run else "removed"
+    for r in removed:
+        click.echo(f"{verb} {r.digest} ({format_size(r.size_on_disk)})")
+    freed = sum(r.size_on_disk for r in removed)
+    click.echo(f"{verb} {len(removed)} images, {format_size(freed)}")

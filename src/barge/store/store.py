@@ -115,8 +115,9 @@ class VMLock:
             fcntl.flock(self.fd, flags)
         except BlockingIOError:
             os.close(self.fd)
+            what = name if name.startswith("image ") else f"VM {name!r}"
             raise BusyError(
-                f"VM {name!r} is in use by another barge process (running, or being written)"
+                f"{what} is in use by another barge process (running, or being written)"
             ) from None
 
     def release(self) -> None:
@@ -249,6 +250,14 @@ class Store:
             raise UsageError(f"invalid manifest digest {digest!r}")
         return self.cache_dir / hexpart
 
+    def image_lock(self, digest: str, *, shared: bool = False, wait: bool = False) -> VMLock:
+        """The lock of one cached image: pulls hold it exclusively, clones shared, and GC
+        removes an image only when it can take it exclusively."""
+        hexd = self.image_path(digest).name
+        return VMLock(
+            self.locks_dir / f"image.{hexd}.lock", f"image {digest}", shared=shared, wait=wait
+        )
+
     def cached_images(self) -> list[ImageRow]:
         return [r for r in self.catalog.images() if (self.cache_dir / r.dirname).is_dir()]
 
@@ -260,6 +269,7 @@ class Store:
         space_budget: int | None = None,
         dry_run: bool = False,
         remove_unreferenced: bool = True,
+        only: set[str] | None = None,
     ) -> list[ImageRow]:
         """The one GC routine. Removes (least recently used first) cached images that are
         unreferenced, older than ``older_than`` seconds, or over ``space_budget`` bytes; never
@@ -275,6 +285,8 @@ class Store:
         total = sum(i.size_on_disk for i in images)
         doomed: list[ImageRow] = []
         for img in images:
+            if only is not None and img.digest not in only:
+                continue
             reason = False
             if remove_unreferenced and img.digest not in referenced:
                 reason = True
@@ -284,16 +296,20 @@ class Store:
                 reason = True
             if not reason or img.digest in leased_images:
                 continue
-            if self.is_locked(f"img-{img.dirname[:16]}"):
-                continue
             doomed.append(img)
             total -= img.size_on_disk
-        if dry_run:
-            return doomed
+        removed: list[ImageRow] = []
         for img in doomed:
-            with self.lock_vm(f"img-{img.dirname[:16]}"):
-                # re-check under the catalog: a lease may have been taken meanwhile
+            try:
+                lock = self.image_lock(img.digest)
+            except BusyError:  # being pulled or cloned right now
+                continue
+            try:
+                # re-check under the lock: a lease may have been taken meanwhile
                 if img.digest in cat.leased("image"):
+                    continue
+                removed.append(img)
+                if dry_run:
                     continue
                 trash = self.tmp_dir / f"gc-{uuid.uuid4().hex[:12]}"
                 cat.remove_image(img.digest)
@@ -301,8 +317,12 @@ class Store:
                 if src.exists():
                     os.rename(src, trash)
                     shutil.rmtree(trash, ignore_errors=True)
+            finally:
+                lock.release()
+        if dry_run:
+            return removed
         self._clean_tmp(leased_paths, now)
-        return doomed
+        return removed
 
     def _clean_tmp(self, leased_paths: set[str], now: float) -> None:
         live = self.catalog.leased("path") | leased_paths
