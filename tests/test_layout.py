@@ -227,6 +227,23 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
+def test_concurrent_put_manifest_keeps_every_tag(tmp_path: Path) -> None:
+    import threading
+
+    OCILayout(tmp_path / "l", create=True)
+
+    def put(i: int) -> None:
+        lay = OCILayout(tmp_path / "l")
+        lay.put_manifest(b'{"n":%d}' % i, OCI_MANIFEST, f"t{i}")
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(OCILayout(tmp_path / "l").tags()) == sorted(f"t{i}" for i in range(12))
+
+
 def test_put_manifest_rejects_bad_tag(tmp_path: Path) -> None:
     lay = OCILayout(tmp_path / "l", create=True)
     with pytest.raises(UsageError, match="invalid tag"):
