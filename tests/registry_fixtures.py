@@ -501,10 +501,15 @@ class FaultRule:
     forward: bool = False
     after_request_bytes: int | None = None
     location: str = ""
+    require_header: str | None = None  # only requests carrying this header match
     seen: int = 0
     fired: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, headers: dict[str, str]) -> bool:
+        if self.require_header and not any(
+            k.lower() == self.require_header.lower() for k in headers
+        ):
+            return False
         return (self.method in ("*", method)) and re.search(self.path, path) is not None
 
 
@@ -512,11 +517,12 @@ class FaultRule:
 class Exchange:
     method: str
     path: str
-    request_bytes: int
+    request_bytes: int  # request body bytes forwarded to the registry
     response_bytes: int
     status: int | None
     fault: str | None
     headers: dict[str, str]
+    dropped_bytes: int = 0  # request body bytes read but not forwarded (injected answers)
 
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
@@ -598,10 +604,10 @@ class FaultProxy:
         self._thread.join(STOP_TIMEOUT)
 
     # -- the proxying --
-    def _pick(self, method: str, path: str) -> FaultRule | None:
+    def _pick(self, method: str, path: str, headers: dict[str, str]) -> FaultRule | None:
         with self._lock:
             for rule in self.rules:
-                if not rule.matches(method, path):
+                if not rule.matches(method, path, headers):
                     continue
                 rule.seen += 1
                 if rule.seen <= rule.skip:
@@ -643,7 +649,7 @@ class FaultProxy:
         method = h.command
         path = urllib.parse.urlsplit(h.path).path
         headers = {k: v for k, v in h.headers.items()}
-        rule = self._pick(method, path)
+        rule = self._pick(method, path, headers)
         length = int(h.headers.get("Content-Length") or 0)
         ex = Exchange(method, path, 0, 0, None, rule.action if rule else None, headers)
         self._record(ex)
@@ -805,7 +811,7 @@ class FaultProxy:
             data = h.rfile.read(min(left, 1 << 20))
             if not data:
                 break
-            ex.request_bytes += len(data)
+            ex.dropped_bytes += len(data)
             left -= len(data)
 
 
@@ -1100,6 +1106,7 @@ def redirect_setup(
         path=r"/blobs/sha256:",
         action="redirect",
         times=None,
+        require_header="Authorization",  # unauthenticated requests get the registry's 401
         location=store.url + "/blobs/{digest}?X-Amz-Signature=secret-signature",
     )
     try:

@@ -136,6 +136,8 @@ class Transport:
         self._verified = urllib3.PoolManager(ssl_context=self._ssl_context(), **common)
         self._unverified: urllib3.PoolManager | None = None
         if insecure:
+            # the user asked for it (--insecure); urllib3 would warn on every request
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             ctx = ssl.create_default_context()
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
