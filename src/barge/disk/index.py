@@ -352,6 +352,7 @@ def _check_frame_size(fs: int, disk: str) -> None:
         )
 
 
+@lru_cache(maxsize=64)
 def _max_csize(codec: str, usize: int) -> int:
     from barge.disk.codec import Codec
 
