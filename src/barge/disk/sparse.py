@@ -55,15 +55,19 @@ def allocated_bytes(path: str | os.PathLike[str]) -> int:
 
 
 def is_zero(buf: bytes | bytearray | memoryview) -> bool:
-    """True when every byte of ``buf`` is zero. Runs at memory speed (C comparisons)."""
-    mv = memoryview(buf).cast("B")
-    n = len(mv)
+    """True when every byte of ``buf`` is zero, at memory speed.
+
+    ``bytes.startswith`` compares with memcmp (tens of GB/s); a memoryview comparison goes
+    element by element (well under 1 GB/s)."""
+    data = buf if isinstance(buf, bytes | bytearray) else memoryview(buf).cast("B")
+    n = len(data)
     step = len(_ZERO_PAGE)
-    for off in range(0, n, step):
-        piece = mv[off : off + step]
-        if piece != _ZERO_PAGE[: len(piece)]:
-            return False
-    return True
+    if isinstance(data, memoryview):
+        return all(
+            bytes(data[off : off + step]) == _ZERO_PAGE[: min(step, n - off)]
+            for off in range(0, n, step)
+        )
+    return all(data.startswith(_ZERO_PAGE[: min(step, n - off)], off) for off in range(0, n, step))
 
 
 def reflink(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> bool:

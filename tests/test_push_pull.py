@@ -1,0 +1,389 @@
+"""Push and pull through real registries: round trips, reuse, layer caps, faults, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from barge.cli import main
+from barge.errors import ExitCode, IntegrityError, LimitError
+from barge.local import create_vm
+from barge.progress import NullReporter
+from barge.pull import PullOptions, pull
+from barge.push import PushOptions, push
+from barge.store import Store
+from registry_fixtures import FaultProxy, RunningRegistry, put_manifest
+
+MiB = 1 << 20
+
+
+def barge(*args: str, code: int = 0) -> str:
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert res.exit_code == code, (args, res.exit_code, res.output, res.stderr)
+    assert "Traceback" not in res.output + res.stderr
+    return res.output if code == 0 else res.stderr
+
+
+def make_disk(path: Path, size: int, seed: int = 1) -> None:
+    """A sparse disk: compressible text, random data, zeros and holes at odd places."""
+    rnd = hashlib.sha256(str(seed).encode()).digest()
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(1 * MiB + 123)
+        f.write((b"barge sparse test data %d\n" % seed) * 40000)
+        f.seek(9 * MiB)
+        f.write(os.urandom(3 * MiB))
+        f.seek(17 * MiB)
+        f.write(bytes(2 * MiB))  # explicit zeros: become holes on pull
+        f.seek(size - 5000)
+        f.write(rnd * 100)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def vm(barge_home: Path, tmp_path: Path) -> tuple[Store, Path]:
+    disk = tmp_path / "src.raw"
+    make_disk(disk, 40 * MiB + 4096)
+    store = Store()
+    create_vm(store, "vm", from_disk=disk)
+    return store, store.vm_path("vm") / "disk.img"
+
+
+SMALL = PushOptions(chunk_size=8 * MiB, frame_size=1 * MiB)
+
+
+def test_round_trip_bit_identical_and_sparse(
+    vm: tuple[Store, Path], registry: RunningRegistry
+) -> None:
+    store, disk = vm
+    ref = f"{registry.host}/team/vm:v1"
+    res = push(store, "vm", [ref], SMALL)
+    assert res.stats.uploaded_blobs > 0
+    pulled = pull(store, ref)
+    out = pulled.path / "disk.img"
+    assert sha256_file(out) == sha256_file(disk)
+    assert out.stat().st_size == disk.stat().st_size
+    # holes preserved: only about the data is allocated (the 2 MiB of zeros are not)
+    assert out.stat().st_blocks * 512 <= 6 * MiB
+    rows = json.loads(barge("list", "--format", "json", "--source", "oci"))
+    assert [r["reference"] for r in rows] == [ref]
+    # the same tag again is a no-op
+    again = pull(store, ref)
+    assert again.up_to_date and again.digest == pulled.digest
+
+
+def test_layer_order_does_not_matter(vm: tuple[Store, Path], registry: RunningRegistry) -> None:
+    store, disk = vm
+    ref = f"{registry.host}/team/vm:v1"
+    res = push(store, "vm", [ref], SMALL)
+    doc = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    )
+    assert res.digest
+    doc["layers"].reverse()
+    put_manifest(registry, "team/vm", "reordered", json.dumps(doc).encode())
+    home2 = Store(store.home.parent / "other-home")
+    pulled = pull(home2, f"{registry.host}/team/vm:reordered")
+    assert sha256_file(pulled.path / "disk.img") == sha256_file(disk)
+
+
+def test_multi_tag_and_repush_send_no_disk_blob(
+    vm: tuple[Store, Path], registry: RunningRegistry, make_proxy: Callable[..., FaultProxy]
+) -> None:
+    store, _disk = vm
+    proxy = make_proxy(registry)
+    refs = [f"{proxy.host}/a/vm:v1", f"{proxy.host}/a/vm:latest", f"{proxy.host}/b/vm:v1"]
+    res = push(store, "vm", refs, SMALL)
+    assert len(res.references) == 3
+    uploads = proxy.count("PUT", r"/blobs/uploads/")
+    assert uploads == res.stats.uploaded_blobs
+    # repository b got its blobs by mounting, not by upload
+    assert res.stats.mounted_blobs >= res.stats.uploaded_blobs
+    proxy.clear()
+    again = push(store, "vm", [f"{proxy.host}/a/vm:v2", f"{proxy.host}/c/vm:v1"], SMALL)
+    assert again.digest == res.digest
+    assert again.stats.uploaded_bytes == 0 and again.stats.compressed_chunks == 0
+    assert proxy.count("PATCH") == 0 and proxy.count("PUT", r"/blobs/") == 0
+    assert proxy.request_bytes("PUT", "/blobs/") == 0
+
+
+def test_forced_layer_cap_raises_chunk_size(
+    vm: tuple[Store, Path], registry: RunningRegistry
+) -> None:
+    store, disk = vm
+    reporter = NullReporter()
+    opts = PushOptions(chunk_size=4 * MiB, frame_size=1 * MiB, max_layers=6)
+    res = push(store, "vm", [f"{registry.host}/cap/vm:v1"], opts, reporter)
+    assert res.chunk_size > 4 * MiB and res.layers <= 6
+    assert any("chunk size raised" in n for n in reporter.notes)
+    pulled = pull(store, f"{registry.host}/cap/vm:v1")
+    assert sha256_file(pulled.path / "disk.img") == sha256_file(disk)
+
+
+def test_impossible_cap_refused_before_upload(
+    vm: tuple[Store, Path], registry: RunningRegistry, make_proxy: Callable[..., FaultProxy]
+) -> None:
+    store, _ = vm
+    proxy = make_proxy(registry)
+    err = barge("push", "vm", f"{proxy.host}/cap/vm:v1", "--max-layers", "2", code=ExitCode.LIMIT)
+    assert "layers" in err and "allows 2" in err
+    assert proxy.count("POST") == 0 and proxy.count("PUT") == 0
+
+
+def test_corrupt_blob_fails_pull_and_leaves_nothing(
+    vm: tuple[Store, Path], registry: RunningRegistry
+) -> None:
+    store, _ = vm
+    ref = f"{registry.host}/bad/vm:v1"
+    push(store, "vm", [ref], SMALL)
+    # pick the largest chunk layer and flip a byte in the registry's storage
+    doc = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    )
+    layer = max(
+        (d for d in doc["layers"] if "disk.chunk" in d["mediaType"]), key=lambda d: d["size"]
+    )
+    blob = registry.blob_path(layer["digest"])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    other = Store(store.home.parent / "pull-home")
+    with pytest.raises(IntegrityError) as e:
+        pull(other, ref)
+    assert layer["digest"] in str(e.value) or "frame" in str(e.value)
+    assert other.cached_images() == []
+    assert list(other.cache_dir.iterdir()) == []
+
+
+def test_ipv6_and_port_references_listed_exactly(
+    vm: tuple[Store, Path], registry_ipv6: RunningRegistry, registry: RunningRegistry
+) -> None:
+    store, _ = vm
+    r6 = f"{registry_ipv6.host}/x/y:z"
+    r4 = f"{registry.host}/team/macos:sonoma"
+    push(store, "vm", [r6], SMALL)
+    push(store, "vm", [r4], SMALL)
+    other = Store(store.home)
+    pull(other, r6)
+    pull(other, r4)
+    listed = barge("list", "-q", "--source", "oci").split()
+    assert sorted(listed) == sorted([r6, r4])
+    assert r6.startswith("[::1]:")
+
+
+def test_incremental_pull_fetches_only_changed_frames(
+    vm: tuple[Store, Path], registry: RunningRegistry
+) -> None:
+    store, disk = vm
+    push(store, "vm", [f"{registry.host}/inc/vm:v1"], SMALL)
+    puller_home = Store(store.home.parent / "inc-home")
+    pull(puller_home, f"{registry.host}/inc/vm:v1")
+    with open(disk, "r+b") as f:  # change one 4 KiB block inside the random region
+        f.seek(10 * MiB + 4096)
+        f.write(os.urandom(4096))
+    push(store, "vm", [f"{registry.host}/inc/vm:v2"], SMALL)
+    res = pull(puller_home, f"{registry.host}/inc/vm:v2")
+    assert sha256_file(res.path / "disk.img") == sha256_file(disk)
+    assert res.base is not None
+    # one 1 MiB frame of random data changed: about 1 MiB fetched, the rest reused
+    assert res.stats.fetched_bytes <= 1.1 * MiB
+    assert res.stats.reused_bytes >= 4 * MiB
+    assert res.stats.range_requests == 1
+
+
+def slow_down(proxy: FaultProxy, method: str, path_re: str, seconds: float) -> None:
+    """Make the proxy wait before forwarding matching requests (so a kill lands mid-way)."""
+    import re
+
+    orig = proxy._pick
+
+    def pick(m: str, path: str, headers: dict[str, str]) -> object:
+        if m == method and re.search(path_re, path):
+            time.sleep(seconds)
+        return orig(m, path, headers)
+
+    proxy._pick = pick  # type: ignore[method-assign,assignment]
+
+
+KILL_SCRIPT = """
+import sys, time
+from barge.store import Store
+from barge.push import push, PushOptions
+from barge.pull import pull
+store = Store()
+if sys.argv[1] == "push":
+    push(store, "vm", [sys.argv[2]], PushOptions(chunk_size=8 << 20, frame_size=1 << 20,
+         concurrency=1))
+else:
+    pull(store, sys.argv[2])
+"""
+
+
+def _run_until_killed(args: list[str], proxy: FaultProxy, path_re: str, min_requests: int) -> None:
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], env=env)
+    deadline = time.monotonic() + 60
+    try:
+        while proxy.count("*", path_re) < min_requests and proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError("the operation never got going")
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+
+
+def test_killed_push_resumes(
+    vm: tuple[Store, Path], registry: RunningRegistry, make_proxy: Callable[..., FaultProxy]
+) -> None:
+    store, disk = vm
+    proxy = make_proxy(registry)
+    # slow every chunk upload down a little so the kill lands mid-push
+    slow_down(proxy, "PUT", r"/blobs/uploads/", 0.3)
+    ref = f"{proxy.host}/kill/vm:v1"
+    _run_until_killed(["push", ref], proxy, r"/blobs/uploads/", 2)
+    sent_before = proxy.count("PUT", r"/blobs/uploads/")
+    proxy.clear()
+    res = push(store, "vm", [ref], SMALL)
+    assert res.stats.existing_blobs >= 1  # what reached the registry is not sent again
+    assert res.stats.uploaded_blobs + res.stats.existing_blobs >= sent_before
+    pulled = pull(Store(store.home.parent / "kill-home"), f"{registry.host}/kill/vm:v1")
+    assert sha256_file(pulled.path / "disk.img") == sha256_file(disk)
+
+
+def test_killed_pull_resumes(
+    vm: tuple[Store, Path], registry: RunningRegistry, make_proxy: Callable[..., FaultProxy]
+) -> None:
+    store, disk = vm
+    push(store, "vm", [f"{registry.host}/kill/vm:v1"], SMALL)
+    proxy = make_proxy(registry)
+    slow_down(proxy, "GET", r"/blobs/sha256", 0.3)
+    ref = f"{proxy.host}/kill/vm:v1"
+    puller = Store(store.home.parent / "resume-home")
+    env_home = str(puller.home)
+    old = os.environ.get("BARGE_HOME")
+    os.environ["BARGE_HOME"] = env_home
+    try:
+        _run_until_killed(["pull", ref], proxy, r"/blobs/sha256", 4)
+    finally:
+        if old is not None:
+            os.environ["BARGE_HOME"] = old
+    assert puller.cached_images() == []  # nothing half-written is visible
+    assert (
+        json.loads(
+            CliRunner(env={"BARGE_HOME": env_home})
+            .invoke(main, ["list", "--format", "json"])
+            .output
+        )
+        == []
+    )
+    res = pull(puller, f"{registry.host}/kill/vm:v1")
+    assert sha256_file(res.path / "disk.img") == sha256_file(disk)
+
+
+def test_gc_under_concurrent_operations_loses_nothing(
+    vm: tuple[Store, Path], registry: RunningRegistry
+) -> None:
+    store, disk = vm
+    want = sha256_file(disk)
+    push(store, "vm", [f"{registry.host}/gc/vm:v0"], SMALL)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def gc_loop() -> None:
+        s = Store(store.home)
+        for _ in range(400):
+            if stop.is_set():
+                return
+            try:
+                s.gc(older_than=0, space_budget=0)
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=gc_loop)
+    t.start()
+    try:
+        for i in range(4):
+            s = Store(store.home)
+            push(s, "vm", [f"{registry.host}/gc/vm:v{i + 1}"], SMALL)
+            res = pull(s, f"{registry.host}/gc/vm:v{i + 1}")
+            # the pulled image may be collected right after the pull, but never during it
+            from barge.cache import clone_image
+
+            _, cloned = clone_image(s, f"{registry.host}/gc/vm:v{i + 1}", f"c{i}")
+            assert sha256_file(cloned.vm.path / "disk.img") == want
+            assert res.digest
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("variant", ["tls", "token", "basic"])
+def test_push_pull_with_auth_and_tls(
+    vm: tuple[Store, Path],
+    variant: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store, disk = vm
+    reg: RunningRegistry = request.getfixturevalue(f"registry_{variant}")
+    if reg.ca_cert is not None:
+        certs = store.home / "certs.d" / reg.host
+        certs.mkdir(parents=True)
+        (certs / "ca.crt").write_bytes(reg.ca_cert.read_bytes())
+    if reg.username:
+        assert reg.password
+        monkeypatch.setenv("BARGE_REGISTRY_USERNAME", reg.username)
+        monkeypatch.setenv("BARGE_REGISTRY_PASSWORD", reg.password)
+    ref = f"{reg.host}/sec/vm:v1"
+    push(store, "vm", [ref], SMALL)
+    pulled = pull(Store(store.home), ref, PullOptions())
+    assert sha256_file(pulled.path / "disk.img") == sha256_file(disk)
+
+
+def test_push_cli_reports_and_refuses_locked_vm(
+    vm: tuple[Store, Path], registry: RunningRegistry
+) -> None:
+    store, _ = vm
+    out = barge("push", "vm", f"{registry.host}/cli/vm", "--format", "json", "--chunk-size", "8M")
+    doc = json.loads(out)
+    assert doc["references"] == [f"{registry.host}/cli/vm:latest"]
+    assert doc["digest"].startswith("sha256:")
+    with store.lock_vm("vm"):
+        err = barge("push", "vm", f"{registry.host}/cli/vm:v2", code=ExitCode.BUSY)
+        assert "in use" in err
+    err = barge("push", "vm", "Bad/Ref", code=ExitCode.USAGE)
+    assert "lowercase" in err
+
+
+def test_limit_error_type() -> None:
+    assert issubclass(LimitError, Exception)
