@@ -407,7 +407,9 @@ class RegistryClient:
                 if not retry or not getattr(e, "retryable", True):
                     raise
                 attempt += 1
-                if attempt >= policy.attempts or time.monotonic() - started > policy.total:
+                # a refused connection rarely heals in seconds: fewer tries
+                limit = min(policy.attempts, 3) if "refused" in e.message else policy.attempts
+                if attempt >= limit or time.monotonic() - started > policy.total:
                     raise
                 time.sleep(policy.delay(attempt - 1))
                 continue
