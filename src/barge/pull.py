@@ -20,9 +20,11 @@ user typed (registry incl. port, repository, tag) to its digest.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform as _platform
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -501,16 +503,34 @@ class Puller:
             ],
             applelz4.decode_stream,
         )
+        if info["diskFormat"] != "raw":
+            self.note(
+                f"Tart disk format {info['diskFormat']!r}: disk.img holds that format as is "
+                "(kept for re-pushing; it is not a raw disk)"
+            )
         cfg = VMConfig.new(
             os_name=str(info["os"]),
             arch=FROM_OCI_ARCH.get(str(info["arch"]), str(info["arch"])),
             cpus=int(info["cpuCount"]),
             memory=int(info["memorySize"]),
-            disks=[Disk("disk.img", img.disk_size)],
+            disks=[Disk("disk.img", img.disk_size, str(info["diskFormat"]))],
             mac=str(info.get("macAddress") or random_mac()),
         )
         cfg.source = source
         (staging / "config.json").write_bytes(cfg.to_bytes())
+        # every chunk is verified: a re-push of a clone reuses these layers as they are
+        for c in img.disk_chunks:
+            self.store.catalog.put_chunk(
+                ChunkRow(
+                    c.digest,
+                    TART_CHUNK_CODEC,
+                    0,
+                    tartfmt.DISK_V2_MEDIA_TYPE,
+                    c.descriptor.digest,
+                    c.descriptor.size,
+                    [],
+                )
+            )
 
     def _pull_vetu(
         self, end: End, doc: dict[str, Any], staging: Path, source: dict[str, Any]
@@ -529,6 +549,16 @@ class Puller:
             raise IntegrityError("Vetu VM config is not valid JSON") from None
         if not isinstance(vm, dict):
             raise IntegrityError("Vetu VM config is not a JSON object")
+        listed = _vetu_config_disks(vm)
+        for d in img.disks:
+            if listed is not None and d.name not in listed:
+                # Vetu's own pull refuses this too ("not found in the VM's config")
+                raise IntegrityError(
+                    f"Vetu image has disk layers named {d.name!r}, which its VM config does not "
+                    f"list (it lists: {', '.join(listed) or 'none'})"
+                )
+            if d.name in _VETU_RESERVED:
+                raise IntegrityError(f"Vetu disk name {d.name!r} collides with a metadata file")
         disks = []
         for d in img.disks:
             self._decode_streams(
@@ -542,16 +572,25 @@ class Puller:
                 lz4frame.decode_stream,
             )
             disks.append(Disk(d.name, d.size))
+        for name in listed or []:
+            if name not in {d.name for d in img.disks}:
+                self.note(f"Vetu VM config lists disk {name!r} but the image has no layer for it")
+        if not disks:
+            raise IntegrityError("Vetu image has no disk layers")
         arch = str(vm.get("arch", "amd64"))
+        if arch not in FROM_OCI_ARCH:
+            raise UnsupportedError(f"Vetu VM config: unknown arch {arch[:40]!r}")
         cpus = vm.get("cpuCount", 1)
         mem = vm.get("memorySize", 1 << 30)
+        mac = vm.get("macAddress")
         cfg = VMConfig.new(
             os_name="linux",
-            arch=FROM_OCI_ARCH.get(arch, "x86_64"),
+            arch=FROM_OCI_ARCH[arch],
             cpus=cpus if isinstance(cpus, int) and cpus > 0 else 1,
             memory=mem if isinstance(mem, int) and mem > 0 else 1 << 30,
             disks=disks,
             boot="kernel",
+            mac=mac.lower() if isinstance(mac, str) and _MAC_RE.fullmatch(mac) else None,
         )
         cfg.source = source
         (staging / "config.json").write_bytes(cfg.to_bytes())
@@ -577,12 +616,16 @@ class Puller:
                 digest, csize, offset, usize, udigest = c
                 h = hashlib.sha256()
                 pos = offset
-                with end.open_blob(digest) as src:
+                with end.open_blob(digest) as raw:
+                    # a registry's BlobReader checks the digest itself at EOF; other ends
+                    # (OCI layouts) are hashed here. The size is bounded for both.
+                    src = _CheckedBlob(raw, digest, csize, hash=not isinstance(end, RegistryEnd))
                     for piece in decoder(src, expected_size=usize):
                         h.update(piece)
                         write_zero_aware(fd, pos, piece)
                         pos += len(piece)
                         task.advance(len(piece))
+                    src.finish()
                 if "sha256:" + h.hexdigest() != udigest:
                     raise IntegrityError(
                         f"layer {digest} decodes to sha256:{h.hexdigest()}, its annotation "
@@ -595,6 +638,78 @@ class Puller:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+#: The chunk-index codec name of a Tart disk layer (one Apple LZ4 stream, no frames).
+TART_CHUNK_CODEC = "applelz4"
+#: Files a pulled Vetu image keeps next to its disks: never a disk name.
+_VETU_RESERVED = frozenset(
+    {"config.json", "manifest.json", "index.json", "vetu-config.json", "kernel", "initramfs"}
+)
+
+
+def _vetu_config_disks(vm: dict[str, Any]) -> list[str] | None:
+    """The disk names a Vetu VM config lists, or None when it lists none (``omitempty``)."""
+    raw = vm.get("disks")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(
+        isinstance(d, dict) and isinstance(d.get("name"), str) for d in raw
+    ):
+        raise IntegrityError("Vetu VM config: 'disks' must be a list of {\"name\": ...} objects")
+    names = [str(d["name"]) for d in raw]
+    if len(set(names)) != len(names):
+        raise IntegrityError("Vetu VM config lists a disk name twice")
+    return names
+
+
+class _CheckedBlob(io.RawIOBase):
+    """A compressed blob read through a decoder: never more than the descriptor's size, and
+    (with ``hash``) the digest checked when :meth:`finish` is called after the decoder."""
+
+    def __init__(self, src: BinaryIO, digest: str, size: int, *, hash: bool) -> None:
+        super().__init__()
+        self.src = src
+        self.digest = digest
+        self.size = size
+        self.got = 0
+        self.h = hashlib.sha256() if hash and digest.startswith("sha256:") else None
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.size + 1 - self.got
+        data = self.src.read(max(0, min(n, self.size + 1 - self.got)))
+        self.got += len(data)
+        if self.got > self.size:
+            raise IntegrityError(
+                f"layer {self.digest} is larger than the {self.size} bytes its descriptor says"
+            )
+        if self.h is not None:
+            self.h.update(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def finish(self) -> None:
+        """Read to the end (the decoder stopped at its end marker) and check size and digest."""
+        for _ in range(2):
+            if not self.read(1 << 16):
+                break
+        if self.got != self.size:
+            raise IntegrityError(
+                f"layer {self.digest} is {self.got} bytes; its descriptor says {self.size}"
+            )
+        if self.h is not None and "sha256:" + self.h.hexdigest() != self.digest:
+            raise IntegrityError(
+                f"layer {self.digest} has digest sha256:{self.h.hexdigest()} (corrupt blob)"
+            )
 
 
 class _LocalFrames:
