@@ -19,7 +19,7 @@ def barge(*args: str, code: int = 0) -> str:
     res = CliRunner().invoke(main, list(args), catch_exceptions=False)
     assert res.exit_code == code, (args, res.exit_code, res.output, res.stderr)
     assert "Traceback" not in res.output + res.stderr
-    return res.output if code == 0 else res.stderr
+    return res.stdout if code == 0 else res.stderr
 
 
 def listing() -> list[dict]:

@@ -109,7 +109,7 @@ def choose_chunk_size(
     at_max = count_layers(disk_sizes, max_chunk)
     if budget <= 0 or at_max > budget:
         raise LimitError(
-            f"the disks need {at_max} layer(s) even at the largest chunk size "
+            f"the disks need {at_max} layer{'s' if at_max != 1 else ''} even at the largest chunk size "
             f"{format_size(max_chunk)}, but the registry allows {max_layers} layers "
             f"({other_layers} taken by config and metadata)",
             hint="allow a larger chunk size, use fewer or smaller disks, or another registry",
