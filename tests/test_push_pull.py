@@ -300,7 +300,7 @@ def test_killed_pull_resumes(
         json.loads(
             CliRunner(env={"BARGE_HOME": env_home})
             .invoke(main, ["list", "--format", "json"])
-            .output
+            .stdout
         )
         == []
     )
