@@ -387,3 +387,37 @@ def test_push_cli_reports_and_refuses_locked_vm(
 
 def test_limit_error_type() -> None:
     assert issubclass(LimitError, Exception)
+
+
+def test_concurrent_pulls_download_once(
+    vm: tuple[Store, Path], registry: RunningRegistry, make_proxy: Callable[..., FaultProxy]
+) -> None:
+    store, disk = vm
+    push(store, "vm", [f"{registry.host}/conc/vm:v1"], SMALL)
+    proxy = make_proxy(registry)
+    slow_down(proxy, "GET", r"/blobs/sha256", 0.05)
+    ref = f"{proxy.host}/conc/vm:v1"
+    home = store.home.parent / "conc-home"
+    env = dict(os.environ, BARGE_HOME=str(home))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, "pull", ref], env=env)
+        for _ in range(3)
+    ]
+    for p in procs:
+        assert p.wait(120) == 0
+    layers = [
+        d
+        for d in json.loads(
+            subprocess.run(
+                ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+                capture_output=True,
+                check=True,
+            ).stdout
+        )["layers"]
+        if "disk.chunk" in d["mediaType"]
+    ]
+    for d in layers:  # every disk layer was downloaded by exactly one of the three
+        assert proxy.count("GET", "/blobs/" + d["digest"]) == 1
+    images = Store(home).cached_images()
+    assert len(images) == 1
+    assert sha256_file(home / "cache" / images[0].dirname / "disk.img") == sha256_file(disk)
