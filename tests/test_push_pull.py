@@ -85,6 +85,10 @@ def test_round_trip_bit_identical_and_sparse(
     assert out.stat().st_blocks * 512 <= 6 * MiB
     rows = json.loads(barge("list", "--format", "json", "--source", "oci"))
     assert [r["reference"] for r in rows] == [ref]
+    info = json.loads(barge("get", ref, "--format", "json"))
+    assert info["digest"] == pulled.digest and info["reference"] == ref
+    assert info["disks"][0]["allocated"] <= 6 * MiB
+    assert "no cached image" in barge("get", ref + "x", code=ExitCode.NOT_FOUND)
     # the same tag again is a no-op
     again = pull(store, ref)
     assert again.up_to_date and again.digest == pulled.digest

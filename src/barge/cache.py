@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from barge.disk.sparse import allocated_bytes
 from barge.errors import ConflictError, NotFoundError
 from barge.local import CloneResult, clone_dir
 from barge.progress import Reporter
@@ -48,6 +49,25 @@ def cached_image_info(store: Store, img: ImageRow) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def cached_info(store: Store, ref_text: str) -> dict[str, Any]:
+    """The ``get`` view of one cached image."""
+    rows = find_cached(store, ref_text)
+    if not rows:
+        raise NotFoundError(f"no cached image {ref_text!r}", hint="pull it first: `barge pull`")
+    img = store.catalog.get_image(rows[0][3])
+    if img is None:
+        raise NotFoundError(f"no cached image {ref_text!r}")
+    want = _ref_string(*rows[0])
+    for info in cached_image_info(store, img):
+        if info["reference"] == want:
+            info["disks"] = [
+                dict(d, allocated=allocated_bytes(store.cache_dir / img.dirname / d["name"]))
+                for d in info["disks"]
+            ]
+            return info
+    raise NotFoundError(f"cached image {ref_text!r} is damaged; pull it again")
 
 
 def list_cached(store: Store) -> list[dict[str, Any]]:

@@ -89,9 +89,16 @@ def create(
 @click.argument("name")
 @format_option
 def get_cmd(name: str, fmt: str) -> None:
-    """Show one VM's configuration."""
+    """Show one VM's configuration (a local VM, or a cached image by reference)."""
+    from barge.reference import looks_like_reference
+
     store = Store()
-    info = local.vm_info(store, store.get_vm(name))
+    if looks_like_reference(name):
+        from barge.cache import cached_info
+
+        info = cached_info(store, name)
+    else:
+        info = local.vm_info(store, store.get_vm(name))
     if fmt == "json":
         emit_json(info)
     else:
