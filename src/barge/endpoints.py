@@ -154,8 +154,20 @@ class LayoutEnd:
         return False
 
     def get_manifest(self, reference: str) -> Manifest:
-        tag = None if reference.startswith("sha256:") else reference
-        data, media_type, digest = self.layout.get_manifest(tag if tag else self.tag)
+        from barge.oci.layout import MAX_MANIFEST_SIZE
+        from barge.oci.types import is_digest
+
+        if is_digest(reference):  # a child of an index: a blob, not an index.json entry
+            data = self.read_blob(reference, MAX_MANIFEST_SIZE)
+            return Manifest(data=data, media_type=media_type_of(data, None), digest=reference)
+        tag = reference or self.tag
+        try:
+            data, media_type, digest = self.layout.get_manifest(tag)
+        except NotFoundError:
+            # "latest" is only the default name: a layout holding one untagged image answers
+            if tag != "latest" or self.tag is not None or len(self.layout.manifests()) != 1:
+                raise
+            data, media_type, digest = self.layout.get_manifest(None)
         return Manifest(data=data, media_type=media_type_of(data, media_type), digest=digest)
 
     def put_manifest(self, data: bytes, media_type: str, tag: str | None) -> str:

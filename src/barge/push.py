@@ -203,6 +203,19 @@ class Pusher:
             vm = self.store.get_vm(vm_name)
             return self._push(vm, targets, lease_id)
 
+    def push_to_ends(self, vm_name: str, ends: list[tuple[End, list[str]]]) -> PushResult:
+        """Push to ends the caller opened (e.g. an OCI archive being written). An end with no
+        tags gets the manifest by digest only (an image index names it)."""
+        targets = [_Target(end, list(tags)) for end, tags in ends]
+        with self.store.lock_vm(vm_name, shared=True), self.store.lease("push") as lease_id:
+            vm = self.store.get_vm(vm_name)
+            return self._push(vm, targets, lease_id)
+
+    def push_untagged(self, vm_name: str, destination: str) -> PushResult:
+        """Push one VM to ``destination``'s repository, its manifest by digest only (no tag):
+        the building block of a multi-platform image index."""
+        return self.push_to_ends(vm_name, [(t.end, []) for t in self.targets([destination])])
+
     def _push(self, vm: VM, targets: list[_Target], lease_id: str) -> PushResult:
         cfg = vm.config
         disks = {d.name: d.size for d in cfg.disks}
@@ -284,7 +297,8 @@ class Pusher:
         digest = ""
         refs: list[str] = []
         for t in targets:
-            for tag in t.tags:
+            tags: list[str | None] = list(t.tags) or [None]
+            for tag in tags:
                 try:
                     digest = t.end.put_manifest(manifest, OCI_MANIFEST, tag)
                 except LayerLimitExceeded as e:
@@ -296,11 +310,7 @@ class Pusher:
                         hint=f"push again with --max-layers {suggestion} (barge then picks a "
                         "larger chunk size before uploading)",
                     ) from None
-                refs.append(
-                    f"{t.end.label}:{tag}"
-                    if isinstance(t.end, RegistryEnd)
-                    else f"{t.end.label}:{tag}"
-                )
+                refs.append(f"{t.end.label}:{tag}" if tag else f"{t.end.label}@{digest}")
         return PushResult(digest, len(manifest), refs, chunk_size, layers, self.stats, self.notes)
 
     # -- blobs -----------------------------------------------------------------------------

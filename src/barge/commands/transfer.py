@@ -28,7 +28,14 @@ def _opt_size(value: str | None, what: str) -> int | None:
 
 @main.command()
 @click.argument("name")
-@click.argument("references", nargs=-1, required=True)
+@click.argument("references", nargs=-1)
+@click.option(
+    "--index",
+    "index_ref",
+    metavar="REF",
+    help="Push NAME and every further argument (all VM names) as one multi-platform image "
+    "index at REF.",
+)
 @click.option(
     "--compression",
     default=None,
@@ -59,8 +66,12 @@ def push(
     insecure: bool,
     quiet: bool,
     fmt: str,
+    index_ref: str | None = None,
 ) -> None:
-    """Push local VM NAME to one or more REFERENCES (one upload, many tags)."""
+    """Push local VM NAME to one or more REFERENCES (one upload, many tags).
+
+    With --index REF, NAME and REFERENCES are all VM names, pushed as one OCI image index whose
+    entries carry each VM's platform."""
     from barge.disk.codec import DEFAULT_CODEC
     from barge.push import PushOptions
     from barge.push import push as do_push
@@ -75,6 +86,22 @@ def push(
         insecure=insecure,
     )
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
+    if index_ref is not None:
+        from barge.transfer_index import push_index
+
+        try:
+            ires = push_index(Store(), [name, *references], index_ref, opts, reporter)
+        finally:
+            reporter.close()
+        if fmt == "json":
+            emit_json(ires.to_json())
+            return
+        for vm_name, plat, r in ires.entries:
+            click.echo(f"pushed {vm_name} ({plat}) as {r.digest}", err=True)
+        click.echo(f"{ires.reference}@{ires.digest}")
+        return
+    if not references:
+        raise UsageError("give at least one destination reference (or --index REF)")
     try:
         res = do_push(Store(), name, list(references), opts, reporter)
     finally:

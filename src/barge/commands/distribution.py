@@ -1,0 +1,237 @@
+"""Distribution commands beyond push/pull: copy, tag, verify, export, import."""
+
+from __future__ import annotations
+
+import click
+
+from barge.cli import emit_json, format_option, main
+from barge.disk.sizing import format_size as fmt_size
+from barge.errors import ExitCode
+from barge.progress import ConsoleReporter
+from barge.store import Store
+
+_concurrency = click.option(
+    "--concurrency", type=click.IntRange(1, 64), default=4, show_default=True
+)
+_insecure = click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS.")
+_quiet = click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+
+
+@main.command()
+@click.argument("source")
+@click.argument("destination")
+@click.option(
+    "--platform", help="OS/ARCH to copy from a multi-platform index (default: the whole index)."
+)
+@click.option("--all-tags", is_flag=True, help="Copy every tag of the source repository.")
+@click.option("--verify", "do_verify", is_flag=True, help="Verify the destination afterwards.")
+@click.option("--deep", is_flag=True, help="With --verify: decode and check every chunk.")
+@_concurrency
+@_insecure
+@_quiet
+@format_option
+def copy(
+    source: str,
+    destination: str,
+    platform: str | None,
+    all_tags: bool,
+    do_verify: bool,
+    deep: bool,
+    concurrency: int,
+    insecure: bool,
+    quiet: bool,
+    fmt: str,
+) -> None:
+    """Copy an image between registries and OCI layouts, keeping its digest.
+
+    SOURCE and DESTINATION are registry references (host[:port]/repo[:tag][@digest]),
+    oci:DIR[:tag] or oci-archive:FILE[:tag]. Blobs stream from source to destination; blobs
+    the destination has are skipped (a re-run resumes), and within one registry they are
+    mounted, not uploaded.
+    """
+    from barge.copy import CopyOptions
+    from barge.copy import copy as do_copy
+
+    opts = CopyOptions(
+        concurrency=concurrency,
+        insecure=insecure,
+        platform=platform,
+        all_tags=all_tags,
+        verify=do_verify or deep,
+        deep=deep,
+    )
+    reporter = ConsoleReporter(quiet=quiet or fmt == "json")
+    try:
+        res = do_copy(Store(), source, destination, opts, reporter)
+    finally:
+        reporter.close()
+    bad = [v for v in res.verified if not v.ok]
+    if fmt == "json":
+        emit_json(res.to_json())
+    else:
+        s = res.stats
+        if not quiet:
+            click.echo(
+                f"copied {s.manifests} manifests: {s.copied_blobs} blobs / "
+                f"{fmt_size(s.copied_bytes)} sent, {s.existing_blobs} already there, "
+                f"{s.mounted_blobs} mounted",
+                err=True,
+            )
+        for img in res.images:
+            click.echo(img.destination)
+        for v in res.verified:
+            click.echo(v.verdict())
+    if bad:
+        click.get_current_context().exit(ExitCode.INTEGRITY)
+
+
+@main.command()
+@click.argument("reference")
+@click.argument("new_tags", nargs=-1, required=True)
+@_insecure
+@format_option
+def tag(reference: str, new_tags: tuple[str, ...], insecure: bool, fmt: str) -> None:
+    """Add tags to an image in a registry (no blob moves).
+
+    Each NEW_TAG is a bare tag (same repository) or a full reference in the same registry
+    (the blobs are mounted there first).
+    """
+    from barge.copy import tag as do_tag
+
+    res = do_tag(Store(), reference, list(new_tags), insecure=insecure)
+    if fmt == "json":
+        emit_json(res.to_json())
+        return
+    for ref in res.references:
+        click.echo(f"{ref}@{res.digest}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--deep", is_flag=True, help="Decode every chunk and frame and check its digest.")
+@click.option(
+    "--remote",
+    is_flag=True,
+    help="Check the image in the registry even when the reference is cached.",
+)
+@click.option("--platform", help="Verify only this OS/ARCH of a multi-platform index.")
+@_concurrency
+@_insecure
+@_quiet
+@format_option
+def verify(
+    target: str,
+    deep: bool,
+    remote: bool,
+    platform: str | None,
+    concurrency: int,
+    insecure: bool,
+    quiet: bool,
+    fmt: str,
+) -> None:
+    """Verify an image: a registry reference, a cached image, a local VM or an OCI layout.
+
+    Every blob's size and digest is checked; with --deep every barge chunk and frame (and
+    every Tart/Vetu chunk) is decompressed and checked against its uncompressed digest.
+    Exits 6 naming the first bad blob when anything is wrong.
+    """
+    from barge.verify import verify as do_verify
+
+    reporter = ConsoleReporter(quiet=quiet or fmt == "json")
+    try:
+        rep = do_verify(
+            Store(),
+            target,
+            deep=deep,
+            insecure=insecure,
+            concurrency=concurrency,
+            remote=remote,
+            platform=platform,
+            reporter=reporter,
+        )
+    finally:
+        reporter.close()
+    if fmt == "json":
+        emit_json(rep.to_json())
+    else:
+        click.echo(rep.verdict())
+        if not rep.ok:
+            for f in rep.faults[1:]:
+                click.echo(f"  also: {f}", err=True)
+    if not rep.ok:
+        click.get_current_context().exit(ExitCode.INTEGRITY)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("path")
+@click.option("--platform", help="OS/ARCH to export from a multi-platform index.")
+@click.option("--compression", default=None, help="For a local VM: zstd[:LEVEL], lz4 or none.")
+@click.option("--chunk-size", help="For a local VM: disk bytes per layer.")
+@_concurrency
+@_insecure
+@_quiet
+@format_option
+def export(
+    source: str,
+    path: str,
+    platform: str | None,
+    compression: str | None,
+    chunk_size: str | None,
+    concurrency: int,
+    insecure: bool,
+    quiet: bool,
+    fmt: str,
+) -> None:
+    """Write a local VM or a registry image as an OCI image layout.
+
+    PATH is oci:DIR[:tag], oci-archive:FILE[:tag], a FILE ending in .tar (an archive) or a
+    directory. skopeo and other OCI tools read the result as it is.
+    """
+    from barge.transfer_layout import ExportOptions, export_image
+    from barge.units import parse_size
+
+    opts = ExportOptions(
+        platform=platform,
+        codec=compression,
+        chunk_size=parse_size(chunk_size, what="--chunk-size") if chunk_size else None,
+        concurrency=concurrency,
+        insecure=insecure,
+    )
+    reporter = ConsoleReporter(quiet=quiet or fmt == "json")
+    try:
+        res = export_image(Store(), source, path, opts, reporter)
+    finally:
+        reporter.close()
+    if fmt == "json":
+        emit_json(res)
+        return
+    click.echo(f"{res['destination']}@{res['digest']}")
+
+
+@main.command("import")
+@click.argument("path")
+@click.argument("name")
+@click.option("--platform", help="OS/ARCH to import from a multi-platform index.")
+@_concurrency
+@_quiet
+@format_option
+def import_(
+    path: str, name: str, platform: str | None, concurrency: int, quiet: bool, fmt: str
+) -> None:
+    """Make local VM NAME from an OCI image layout (directory or archive).
+
+    PATH is oci:DIR[:tag], oci-archive:FILE[:tag], a .tar file or a directory; barge, Tart
+    and Vetu images are read (also as skopeo wrote them).
+    """
+    from barge.transfer_layout import import_image
+
+    reporter = ConsoleReporter(quiet=quiet or fmt == "json")
+    try:
+        res = import_image(Store(), path, name, platform, concurrency, reporter)
+    finally:
+        reporter.close()
+    if fmt == "json":
+        emit_json(res)
+        return
+    click.echo(f"imported {res['source']}@{res['digest']} as {name}")

@@ -1,0 +1,204 @@
+"""barge copy and barge tag against real registries: digests kept, blobs streamed, skipped,
+mounted, resumed; all tags; no blob traffic for tags."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from barge.cli import main
+from barge.copy import CopyOptions, copy, tag
+from barge.errors import ExitCode, RegistryError
+from barge.local import create_vm
+from barge.oci.client import RegistryClient
+from barge.pull import pull
+from barge.push import PushOptions, push
+from barge.store import Store
+from registry_fixtures import FaultProxy, RunningRegistry, push_image
+
+MiB = 1 << 20
+SMALL = PushOptions(chunk_size=8 * MiB, frame_size=1 * MiB)
+
+
+def barge(*args: str, code: int = 0) -> str:
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert res.exit_code == code, (args, res.exit_code, res.output, res.stderr)
+    assert "Traceback" not in res.output + res.stderr
+    return res.stdout if code == 0 else res.output + res.stderr
+
+
+def make_disk(path: Path, size: int, seed: int = 1) -> None:
+    """A sparse disk: text, random data, zeros and holes at odd places."""
+    rnd = hashlib.sha256(str(seed).encode()).digest()
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(1 * MiB + 123)
+        f.write((b"barge copy test data %d\n" % seed) * 30000)
+        f.seek(9 * MiB)
+        f.write(os.urandom(2 * MiB))
+        f.seek(size - 5000)
+        f.write(rnd * 100)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_vm(store: Store, tmp: Path, name: str = "vm", seed: int = 1, **kw: str) -> Path:
+    disk = tmp / f"{name}.raw"
+    make_disk(disk, 24 * MiB + 4096, seed)
+    create_vm(store, name, from_disk=disk, **kw)  # type: ignore[arg-type]
+    return store.vm_path(name) / "disk.img"
+
+
+def skopeo_digest(ref: str) -> str:
+    raw = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+@pytest.fixture
+def vm(barge_home: Path, tmp_path: Path) -> tuple[Store, Path]:
+    store = Store()
+    return store, make_vm(store, tmp_path)
+
+
+def test_copy_between_registries_keeps_digest_then_resumes(
+    vm: tuple[Store, Path],
+    registry: RunningRegistry,
+    registry2: RunningRegistry,
+    make_proxy: Callable[..., FaultProxy],
+) -> None:
+    store, disk = vm
+    src = f"{registry.host}/team/vm:v1"
+    pushed = push(store, "vm", [src], SMALL)
+    proxy = make_proxy(registry2)
+    dst = f"{proxy.host}/mirror/vm:v1"
+    # the first attempt dies on the third blob upload: the rest is resumed by the re-run
+    proxy.add(method="PUT", path=r"/blobs/uploads/", action="status", status=400, skip=2)
+    with pytest.raises(RegistryError):
+        copy(store, src, dst, CopyOptions(concurrency=1))
+    proxy.clear()
+    proxy.rules.clear()
+    res = copy(store, src, dst, CopyOptions(concurrency=3))
+    assert res.images[0].digest == pushed.digest
+    assert res.stats.existing_blobs >= 2 and res.stats.copied_blobs >= 1
+    assert res.stats.copied_blobs + res.stats.existing_blobs == res.stats.blobs
+    assert skopeo_digest(f"{registry2.host}/mirror/vm:v1") == pushed.digest
+    # a third run sends nothing
+    proxy.clear()
+    again = copy(store, src, dst)
+    assert again.stats.copied_blobs == 0 and again.stats.existing_blobs == again.stats.blobs
+    assert proxy.count("PATCH") == 0 and proxy.count("PUT", r"/blobs/") == 0
+    # the copy pulls bit-identical from a fresh home
+    other = Store(store.home.parent / "other-home")
+    pulled = pull(other, f"{registry2.host}/mirror/vm:v1")
+    assert pulled.digest == pushed.digest
+    assert sha256_file(pulled.path / "disk.img") == sha256_file(disk)
+    # the destination's blob locations are in the catalog (later pushes can mount)
+    cfg_digest = json.loads(RegistryClient(proxy.host).get_manifest("mirror/vm", "v1").data)[
+        "config"
+    ]["digest"]
+    assert "mirror/vm" in store.catalog.blob_repositories(cfg_digest, proxy.host)
+
+
+def test_copy_plain_container_image_exact_bytes(
+    barge_home: Path, registry: RunningRegistry, registry2: RunningRegistry
+) -> None:
+    digest, data = push_image(registry, "library/app", "1.0", layers=[b"a" * 5000, b"bb" * 7000])
+    out = barge(
+        "copy",
+        f"{registry.host}/library/app:1.0",
+        f"{registry2.host}/other/app",
+        "--format",
+        "json",
+    )
+    doc = json.loads(out)
+    assert doc["images"][0]["digest"] == digest
+    assert doc["copiedBlobs"] == 3
+    with RegistryClient(registry2.host) as c:
+        m = c.get_manifest("other/app", "1.0")  # the source's tag is kept
+    assert m.data == data and m.digest == digest
+
+
+def test_same_registry_copy_mounts_and_uploads_nothing(
+    vm: tuple[Store, Path], registry: RunningRegistry, make_proxy: Callable[..., FaultProxy]
+) -> None:
+    store, _ = vm
+    pushed = push(store, "vm", [f"{registry.host}/a/vm:v1"], SMALL)
+    proxy = make_proxy(registry)
+    out = barge("copy", f"{proxy.host}/a/vm:v1", f"{proxy.host}/b/vm:copy", "--format", "json")
+    doc = json.loads(out)
+    assert doc["images"][0]["digest"] == pushed.digest
+    assert doc["copiedBlobs"] == 0 and doc["mountedBlobs"] == doc["blobs"] > 0
+    assert proxy.count("PATCH") == 0
+    assert proxy.count("PUT", r"/blobs/") == 0
+    assert proxy.count("GET", r"/blobs/") == 0
+    assert proxy.count("POST", r"/blobs/uploads/") == doc["blobs"]
+
+
+def test_copy_all_tags(
+    barge_home: Path, registry: RunningRegistry, registry2: RunningRegistry
+) -> None:
+    d1, _ = push_image(registry, "lib/multi", "v1", layers=[b"one"])
+    d2, _ = push_image(registry, "lib/multi", "v2", layers=[b"two"])
+    d3, _ = push_image(registry, "lib/multi", "latest", layers=[b"two"])
+    out = barge("copy", "--all-tags", f"{registry.host}/lib/multi", f"{registry2.host}/dst/multi")
+    assert len(out.strip().splitlines()) == 3
+    with RegistryClient(registry2.host) as c:
+        assert sorted(c.list_tags("dst/multi")) == ["latest", "v1", "v2"]
+        assert c.get_manifest("dst/multi", "v1").digest == d1
+        assert c.get_manifest("dst/multi", "v2").digest == d2
+        assert c.get_manifest("dst/multi", "latest").digest == d3
+    err = barge(
+        "copy", "--all-tags", f"{registry.host}/lib/multi:v1", f"{registry2.host}/x", code=2
+    )
+    assert "without a tag" in err
+
+
+def test_copy_refusals(barge_home: Path, registry: RunningRegistry) -> None:
+    d, _ = push_image(registry, "lib/app", "v1")
+    err = barge("copy", f"{registry.host}/lib/app:v1", f"{registry.host}/x@{d}", code=2)
+    assert "digest" in err
+    err = barge("copy", f"{registry.host}/lib/app:nope", f"{registry.host}/x:v1", code=3)
+    assert "nope" in err
+
+
+def test_tag_adds_tags_with_no_blob_traffic(
+    vm: tuple[Store, Path], registry: RunningRegistry, make_proxy: Callable[..., FaultProxy]
+) -> None:
+    store, _ = vm
+    pushed = push(store, "vm", [f"{registry.host}/a/vm:v1"], SMALL)
+    proxy = make_proxy(registry)
+    out = barge("tag", f"{proxy.host}/a/vm:v1", "stable", "v1.0", f"{proxy.host}/b/vm:prod")
+    assert out.strip().splitlines() == [
+        f"{proxy.host}/a/vm:stable@{pushed.digest}",
+        f"{proxy.host}/a/vm:v1.0@{pushed.digest}",
+        f"{proxy.host}/b/vm:prod@{pushed.digest}",
+    ]
+    assert proxy.count("PATCH") == 0 and proxy.count("PUT", r"/blobs/") == 0
+    assert proxy.count("GET", r"/blobs/") == 0
+    with RegistryClient(registry.host) as c:
+        assert sorted(c.list_tags("a/vm")) == ["stable", "v1", "v1.0"]
+        assert c.get_manifest("b/vm", "prod").digest == pushed.digest
+    assert skopeo_digest(f"{registry.host}/b/vm:prod") == pushed.digest
+    # another registry is refused with a pointer to copy
+    err = barge("tag", f"{registry.host}/a/vm:v1", "127.0.0.2:1/a/vm:x", code=ExitCode.USAGE)
+    assert "barge copy" in err
+    res = tag(store, f"{registry.host}/a/vm:v1", ["again"])
+    assert res.digest == pushed.digest and res.stats.copied_blobs == 0
