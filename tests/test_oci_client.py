@@ -210,6 +210,12 @@ def test_corrupted_blob_raises_digest_mismatch(
     with pytest.raises(DigestMismatch), client.open_blob("bad/blob", d) as r:
         while r.read(65536):
             pass
+    # a caller that reads exactly the known size (never asking for EOF) is protected too
+    buf = bytearray(len(data))
+    with pytest.raises(DigestMismatch), client.open_blob("bad/blob", d) as r:
+        got = 0
+        while got < len(data):
+            got += r.readinto(memoryview(buf)[got:])
 
 
 def test_connection_refused_message(barge_home: Path) -> None:

@@ -273,6 +273,9 @@ class BlobReader(io.RawIOBase):
             self._pos += n
             if self._remaining is not None:
                 self._remaining -= n
+                if self._remaining == 0:
+                    # verify now: a caller that stops at the known size never asks for EOF
+                    self._finish()
             return n
 
     def read(self, size: int = -1) -> bytes:
