@@ -516,7 +516,8 @@ class Puller:
             disks=[Disk("disk.img", img.disk_size, str(info["diskFormat"]))],
             mac=str(info.get("macAddress") or random_mac()),
         )
-        cfg.source = source
+        # the chunk boundaries, so that a Tart-format re-push cuts the disk the same way
+        cfg.source = {**source, "chunkSizes": [c.size for c in img.disk_chunks]}
         (staging / "config.json").write_bytes(cfg.to_bytes())
         # every chunk is verified: a re-push of a clone reuses these layers as they are
         for c in img.disk_chunks:

@@ -65,6 +65,7 @@ class PushOptions:
     concurrency: int = 2
     labels: dict[str, str] = field(default_factory=dict)
     insecure: bool = False
+    format: str = "barge"  # "barge" or "tart" (barge.tartpush)
 
 
 @dataclass
@@ -218,6 +219,18 @@ class Pusher:
 
     def _push(self, vm: VM, targets: list[_Target], lease_id: str) -> PushResult:
         cfg = vm.config
+        if self.opts.format == "tart":
+            from barge.tartpush import push_tart
+
+            return push_tart(self, vm, targets, lease_id)
+        if self.opts.format != "barge":
+            raise UsageError(f"unknown image format {self.opts.format!r}: use barge or tart")
+        origin = (cfg.source or {}).get("format")
+        if origin in ("tart", "vetu"):
+            self.note(
+                f"converting a {origin.capitalize()} image to barge's format: new layers with "
+                "offsets and a frame index"
+            )
         disks = {d.name: d.size for d in cfg.disks}
         files = self._extra_files(vm)
         other_layers = 2 + len(files)
@@ -441,6 +454,8 @@ class Pusher:
         for name in sorted(os.listdir(vm.path)):
             p = vm.path / name
             if name in disks or name == "config.json" or name.startswith(".") or not p.is_file():
+                continue
+            if name in ("manifest.json", "index.json"):  # a cached image's metadata (clones)
                 continue
             blobs.append(Blob(FILE_MEDIA_TYPE, p.read_bytes(), {FILE_NAME_ANNOTATION: name}))
         return blobs

@@ -22,6 +22,18 @@ def _parse_labels(labels: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _split_formats(formats: tuple[str, ...]) -> tuple[str, str]:
+    """``push --format``: (output format, image format) from up to one value of each kind."""
+    output = [f for f in formats if f in ("text", "json")]
+    image = [f for f in formats if f in ("barge", "tart")]
+    if len(set(output)) > 1 or len(set(image)) > 1:
+        raise UsageError(
+            f"--format given conflicting values {', '.join(formats)}: at most one of text/json "
+            "and one of barge/tart"
+        )
+    return (output[0] if output else "text"), (image[0] if image else "barge")
+
+
 def _opt_size(value: str | None, what: str) -> int | None:
     return None if value is None else parse_size(value, what=what)
 
@@ -53,7 +65,14 @@ def _opt_size(value: str | None, what: str) -> int | None:
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE label in the OCI config.")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@format_option
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    type=click.Choice(["barge", "tart", "text", "json"]),
+    help="Image format: barge (default) or tart (what Tart pulls); and/or output format: text "
+    "(default) or json. Give it twice for both, e.g. --format tart --format json.",
+)
 def push(
     name: str,
     references: tuple[str, ...],
@@ -65,13 +84,14 @@ def push(
     labels: tuple[str, ...],
     insecure: bool,
     quiet: bool,
-    fmt: str,
+    formats: tuple[str, ...],
     index_ref: str | None = None,
 ) -> None:
     """Push local VM NAME to one or more REFERENCES (one upload, many tags).
 
     With --index REF, NAME and REFERENCES are all VM names, pushed as one OCI image index whose
     entries carry each VM's platform."""
+    fmt, image_format = _split_formats(formats)
     from barge.disk.codec import DEFAULT_CODEC
     from barge.push import PushOptions
     from barge.push import push as do_push
@@ -84,6 +104,7 @@ def push(
         concurrency=concurrency,
         labels=_parse_labels(labels),
         insecure=insecure,
+        format=image_format,
     )
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     if index_ref is not None:

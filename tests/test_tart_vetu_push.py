@@ -1,0 +1,271 @@
+"""``barge push --format tart``: checked by an independent reader, re-push reuse, conversion.
+
+The reader here is written from ``shared/FORMAT.md`` §1 alone (markers walked by hand,
+``lz4.block.decompress`` with the previous block as dictionary, layers placed by order); it
+shares no code with :mod:`barge.disk.applelz4`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lz4.block
+import pytest
+from click.testing import CliRunner
+
+from barge.cache import clone_image
+from barge.cli import main
+from barge.errors import ExitCode
+from barge.local import create_vm
+from barge.progress import NullReporter
+from barge.pull import pull
+from barge.push import PushOptions, push
+from barge.store import Store
+from registry_fixtures import FaultProxy, RunningRegistry
+from test_tart_vetu import push_tart, vector_chunks
+
+MiB = 1 << 20
+TART_DISK = "application/vnd.cirruslabs.tart.disk.v2"
+TART_CONFIG = "application/vnd.cirruslabs.tart.config.v1"
+TART_NVRAM = "application/vnd.cirruslabs.tart.nvram.v1"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def barge(*args: str, code: int = 0) -> str:
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert res.exit_code == code, (args, res.exit_code, res.output, res.stderr)
+    assert "Traceback" not in res.output + res.stderr
+    return res.output if code == 0 else res.stderr
+
+
+# -- the independent reader (FORMAT.md §1) ----------------------------------------------------
+
+
+def apple_lz4_decode(data: bytes) -> bytes:
+    out = bytearray()
+    prev = b""
+    pos = 0
+    for _ in range(len(data)):  # bounded: every block consumes at least 4 bytes
+        marker = data[pos : pos + 4]
+        pos += 4
+        if marker == b"bv41":
+            usize, csize = struct.unpack_from("<II", data, pos)
+            pos += 8
+            block = lz4.block.decompress(
+                data[pos : pos + csize], uncompressed_size=usize, dict=prev
+            )
+            assert len(block) == usize
+            pos += csize
+        elif marker == b"bv4-":
+            (usize,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            block = data[pos : pos + usize]
+            assert len(block) == usize
+            pos += usize
+        elif marker == b"bv4$":
+            assert pos == len(data), "data after the end marker"
+            return bytes(out)
+        else:
+            raise AssertionError(f"unknown marker {marker!r} at {pos - 4}")
+        out += block
+        prev = block
+    raise AssertionError("no end marker")
+
+
+def get(reg: RunningRegistry, path: str, accept: str | None = None) -> bytes:
+    req = urllib.request.Request(f"{reg.url}/v2/{path}", headers={"Accept": accept or "*/*"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        data: bytes = r.read()
+    return data
+
+
+def fetch_manifest(reg: RunningRegistry, repo: str, ref: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(
+        get(reg, f"{repo}/manifests/{ref}", "application/vnd.oci.image.manifest.v1+json")
+    )
+    return doc
+
+
+def blob(reg: RunningRegistry, repo: str, digest: str) -> bytes:
+    data = get(reg, f"{repo}/blobs/{digest}")
+    assert sha(data) == digest
+    return data
+
+
+def tart_disk_by_order(reg: RunningRegistry, repo: str, doc: dict[str, Any]) -> bytes:
+    """What Tart's pull writes: disk layers decoded and concatenated in manifest order, each
+    checked against its annotations."""
+    disk = bytearray()
+    for layer in doc["layers"]:
+        if layer["mediaType"] != TART_DISK:
+            continue
+        plain = apple_lz4_decode(blob(reg, repo, layer["digest"]))
+        ann = layer["annotations"]
+        assert int(ann["org.cirruslabs.tart.uncompressed-size"]) == len(plain)
+        assert ann["org.cirruslabs.tart.uncompressed-content-digest"] == sha(plain)
+        assert int(ann["dev.barge.disk.offset"]) == len(disk)
+        disk += plain
+    return bytes(disk)
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+def make_disk(path: Path, size: int) -> bytes:
+    """Text, random data, explicit zeros and holes; returns the disk's bytes."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(100_000)
+        f.write(b"barge tart push test\n" * 30000)
+        f.seek(3 * MiB + 5)
+        f.write(os.urandom(MiB // 2))
+        f.seek(4 * MiB)
+        f.write(bytes(MiB))  # written zeros: an all-zero chunk that still must be a layer
+        f.seek(size - 777)
+        f.write(b"end of disk" * 70)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def vm(barge_home: Path, tmp_path: Path) -> tuple[Store, bytes]:
+    disk = make_disk(tmp_path / "src.raw", 6 * MiB + 4096)
+    store = Store()
+    create_vm(store, "vm", from_disk=tmp_path / "src.raw", arch="aarch64", cpus=3)
+    return store, disk
+
+
+TART_1M = PushOptions(chunk_size=1 * MiB, format="tart")
+
+
+def test_push_tart_read_by_independent_reader(
+    vm: tuple[Store, bytes], registry: RunningRegistry
+) -> None:
+    store, disk = vm
+    reporter = NullReporter()
+    res = push(store, "vm", [f"{registry.host}/t/vm:v1"], TART_1M, reporter)
+    assert any("placeholder NVRAM" in n for n in reporter.notes)
+    assert any("Tart VM config was built" in n for n in reporter.notes)
+    doc = fetch_manifest(registry, "t/vm", "v1")
+    assert res.digest.startswith("sha256:")
+    types = [layer["mediaType"] for layer in doc["layers"]]
+    assert types[0] == TART_CONFIG and types[-1] == TART_NVRAM
+    assert types.count(TART_NVRAM) == 1 and types.count(TART_CONFIG) == 1
+    # every 1 MiB region is a layer, the all-zero ones too (Tart places by order)
+    assert types.count(TART_DISK) == 7 == -(-len(disk) // MiB)
+    assert res.stats.zero_chunks >= 1
+    assert doc["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert doc["annotations"]["org.cirruslabs.tart.uncompressed-disk-size"] == str(len(disk))
+    assert doc["annotations"]["org.cirruslabs.tart.upload-time"].endswith("Z")
+    assert tart_disk_by_order(registry, "t/vm", doc) == disk
+    oci_cfg = json.loads(blob(registry, "t/vm", doc["config"]["digest"]))
+    assert oci_cfg["os"] == "linux" and oci_cfg["architecture"] == "arm64"
+    assert oci_cfg["config"]["Labels"]["org.cirruslabs.tart.disk.format"] == "raw"
+    vm_cfg = json.loads(blob(registry, "t/vm", doc["layers"][0]["digest"]))
+    assert (vm_cfg["os"], vm_cfg["arch"], vm_cfg["cpuCount"]) == ("linux", "arm64", 3)
+    nvram = blob(registry, "t/vm", doc["layers"][-1]["digest"])
+    assert nvram == bytes(len(nvram)) and len(nvram) > 0
+    # barge reads it back (by its offset annotations), bit for bit
+    pulled = pull(Store(store.home.parent / "h2"), f"{registry.host}/t/vm:v1")
+    assert pulled.format == "tart"
+    assert (pulled.path / "disk.img").read_bytes() == disk
+    # the CLI spelling; nothing is compressed again (the chunk index knows every chunk)
+    out = barge(
+        "push", "vm", f"{registry.host}/t/vm:v2", "--format", "tart", "--chunk-size", "1M",
+        "--format", "json",
+    )  # fmt: skip
+    again = json.loads(out)
+    assert again["compressedChunks"] == 0 and again["uploadedBytes"] == 0
+    # a changed chunk is the only one compressed and uploaded
+    with open(store.vm_path("vm") / "disk.img", "r+b") as f:
+        f.seek(2 * MiB + 10)
+        f.write(b"changed")
+    third = push(store, "vm", [f"{registry.host}/t/vm:v3"], TART_1M)
+    assert third.stats.compressed_chunks == 1 and third.stats.uploaded_blobs == 1
+
+
+def test_format_option_conflicts_and_multi_disk_refused(
+    vm: tuple[Store, bytes], registry: RunningRegistry
+) -> None:
+    store, _ = vm
+    err = barge(
+        "push", "vm", f"{registry.host}/t/vm:x", "--format", "tart", "--format", "barge",
+        code=ExitCode.USAGE,
+    )  # fmt: skip
+    assert "conflicting" in err
+    cfg = json.loads((store.vm_path("vm") / "config.json").read_bytes())
+    cfg["disks"].append({"name": "data.img", "size": 4096, "format": "raw"})
+    (store.vm_path("vm") / "config.json").write_text(json.dumps(cfg))
+    with open(store.vm_path("vm") / "data.img", "wb") as f:
+        f.truncate(4096)
+    err = barge("push", "vm", f"{registry.host}/t/vm:x", "--format", "tart", code=11)
+    assert "exactly one disk" in err
+
+
+def test_repush_of_pulled_tart_image_sends_nothing(
+    barge_home: Path, registry: RunningRegistry, make_proxy: Callable[..., FaultProxy]
+) -> None:
+    store = Store()
+    disk, original = push_tart(registry, "tart/macos", "sonoma", vector_chunks())
+    clone_image(store, f"{registry.host}/tart/macos:sonoma", "mac")
+    proxy = make_proxy(registry)
+    res = push(
+        store,
+        "mac",
+        [f"{proxy.host}/tart/macos:sonoma-copy", f"{proxy.host}/tart/other:v1"],
+        PushOptions(format="tart"),
+    )
+    assert res.stats.compressed_chunks == 0
+    assert res.stats.uploaded_blobs == 0 and res.stats.uploaded_bytes == 0
+    # no upload is ever fed or completed; the other repository got every blob by mounting
+    assert proxy.count("PUT", "/blobs/") == 0 and proxy.count("PATCH") == 0
+    assert proxy.request_bytes("POST") == 0
+    assert res.stats.mounted_blobs == 6 and res.stats.existing_blobs == 6
+    doc = fetch_manifest(registry, "tart/macos", "sonoma-copy")
+    # every layer and the config are the original blobs, in the original order
+    assert [x["digest"] for x in doc["layers"]] == [x["digest"] for x in original["layers"]]
+    assert doc["config"]["digest"] == original["config"]["digest"]
+    assert tart_disk_by_order(registry, "tart/macos", doc) == disk
+
+
+def test_tart_origin_vm_converted_to_barge_format(
+    barge_home: Path, registry: RunningRegistry
+) -> None:
+    store = Store()
+    disk, _ = push_tart(registry, "tart/macos", "sonoma", vector_chunks())
+    clone_image(store, f"{registry.host}/tart/macos:sonoma", "mac")
+    reporter = NullReporter()
+    res = push(store, "mac", [f"{registry.host}/barge/macos:v1"], PushOptions(), reporter)
+    assert any(
+        "converting a Tart image to barge's format: new layers with offsets and a frame index" in n
+        for n in reporter.notes
+    )
+    assert res.stats.compressed_chunks > 0
+    doc = fetch_manifest(registry, "barge/macos", "v1")
+    files = sorted(
+        x["annotations"]["dev.barge.file.name"]
+        for x in doc["layers"]
+        if x["mediaType"] == "application/vnd.barge.vm.file.v1"
+    )
+    assert files == ["nvram.bin", "oci-config.json", "tart-config.json"]
+    other = Store(store.home.parent / "h3")
+    pulled = pull(other, f"{registry.host}/barge/macos:v1")
+    assert pulled.format == "barge"
+    assert (pulled.path / "disk.img").read_bytes() == disk
+    cfg = json.loads((pulled.path / "config.json").read_bytes())
+    assert (cfg["os"], cfg["arch"]) == ("darwin", "aarch64")
+    # and back to Tart's format from the converted copy: the Tart files come along
+    clone_image(other, f"{registry.host}/barge/macos:v1", "mac2")
+    back = push(other, "mac2", [f"{registry.host}/tart/back:v1"], PushOptions(format="tart"))
+    assert back.layers == 3  # one 512 MiB chunk: the cut of the barge image is not Tart's
+    doc2 = fetch_manifest(registry, "tart/back", "v1")
+    assert tart_disk_by_order(registry, "tart/back", doc2) == disk
