@@ -129,7 +129,7 @@ def run_timed(
 
 
 def barge_env(home: Path) -> dict[str, str]:
-    return {"BARGE_HOME": str(home), "BARGE_DEBUG": "1"}
+    return {"BARGE_HOME": str(home)}
 
 
 def barge_commands() -> set[str]:
