@@ -335,6 +335,8 @@ class Bench:
         )
         self.row("  fetched/changed", f"{fetched / max(1, changed):.2f}",
                  f"{tart / max(1, changed):.2f}")  # fmt: skip
+        self.row("  4 MiB frames / 512 MiB regions touched",
+                 f"{v2.get('changed_frames_4m')} frames", f"{len(regions)} regions")  # fmt: skip
         self.row("incremental pull v2: s, peak RSS MiB",
                  f"{ip.seconds:.1f}, {ip.max_rss_kib / 1024:.0f}")  # fmt: skip
 
