@@ -63,8 +63,8 @@ def read_disk(path: Path) -> dict[str, Any]:
     finally:
         os.close(fd)
     out["note"] = (
-        "cold = after posix_fadvise(DONTNEED) on the file; the host may still cache it "
-        "(virtual disk), so cold is a lower bound on what the page cache hides"
+        "cold = after posix_fadvise(DONTNEED) on the file; the host may still cache the "
+        "virtual disk, so cold is an upper bound for a real cold read"
     )
     return out
 

@@ -116,6 +116,7 @@ class Bench:
             "seconds": round(x.seconds, 3),
             "max_rss_mib": round(x.max_rss_kib / 1024, 1),
             "cpu_seconds": round(x.cpu_seconds, 2),
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
         }
 
     # -- stages ------------------------------------------------------------------------------
@@ -377,6 +378,9 @@ class Bench:
 
     # -- driver --------------------------------------------------------------------------
     def run(self) -> int:
+        load = os.getloadavg()[0]
+        if load > (os.cpu_count() or 1) / 2:
+            print(f"note: load average {load:.1f} at start: the machine is busy, expect noise")
         self.stage("reference disk", self.refdisk)
         if "limits" in self.stages:
             self.stage("machine limits", self.limits)
