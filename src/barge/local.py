@@ -21,6 +21,8 @@ from barge.store import VM, Disk, Store, VMConfig, validate_vm_name
 from barge.store.vmconfig import ARCHES, OSES, random_mac
 
 DEFAULT_DISK_NAME = "disk.img"
+# files of a cached image that describe it rather than belong to the VM
+CACHE_METADATA = frozenset({"config.json", "manifest.json", "index.json"})
 _QEMU_IMAGE_FORMATS = {"qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "parallels", "dmg"}
 
 
@@ -196,7 +198,7 @@ def clone_dir(store: Store, src_dir: Path, config: VMConfig, dst: str) -> CloneR
                 written += allocated_bytes(tmp / d.name)
         for extra in sorted(os.listdir(src_dir)):
             p = src_dir / extra
-            if extra == "config.json" or extra.startswith(".") or not p.is_file():
+            if extra in CACHE_METADATA or extra.startswith(".") or not p.is_file():
                 continue
             if extra in {d.name for d in config.disks}:
                 continue
