@@ -118,7 +118,7 @@ def test_copy_between_registries_keeps_digest_then_resumes(
 
 
 def test_copy_plain_container_image_exact_bytes(
-    barge_home: Path, registry: RunningRegistry, registry2: RunningRegistry
+    barge_home: Path, tmp_path: Path, registry: RunningRegistry, registry2: RunningRegistry
 ) -> None:
     digest, data = push_image(registry, "library/app", "1.0", layers=[b"a" * 5000, b"bb" * 7000])
     out = barge(
@@ -134,6 +134,13 @@ def test_copy_plain_container_image_exact_bytes(
     with RegistryClient(registry2.host) as c:
         m = c.get_manifest("other/app", "1.0")  # the source's tag is kept
     assert m.data == data and m.digest == digest
+    # through an OCI archive and a layout directory and back, verified at the end
+    archive, layout = tmp_path / "app.tar", tmp_path / "app-layout"
+    barge("copy", f"{registry.host}/library/app:1.0", f"oci-archive:{archive}")
+    barge("copy", f"oci-archive:{archive}", f"oci:{layout}:v2")
+    out = barge("copy", "--verify", f"oci:{layout}:v2", f"{registry2.host}/back/app")
+    assert out.splitlines() == [f"{registry2.host}/back/app:v2@{digest}", out.splitlines()[1]]
+    assert out.splitlines()[1].startswith("OK: 3 blobs")
 
 
 def test_same_registry_copy_mounts_and_uploads_nothing(
