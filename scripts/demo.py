@@ -40,11 +40,6 @@ def run(*args: str, env: dict[str, str], ok: tuple[int, ...] = (0,)) -> str:
     return proc.stdout
 
 
-def has_command(name: str, env: dict[str, str]) -> bool:
-    out = subprocess.run([BARGE, "--help"], env=env, capture_output=True, text=True).stdout
-    return any(line.split()[:1] == [name] for line in out.splitlines())
-
-
 def main() -> None:
     if DEMO.exists():
         shutil.rmtree(DEMO)
@@ -98,10 +93,9 @@ def main() -> None:
         run("push", "demo", f"{ref}:capped", "--max-layers", "4", "--chunk-size", "64M", env=env)
         run("push", "demo", f"{ref}:nope", "--max-layers", "2", env=env, ok=(10,))
 
-        if has_command("inspect", env):
-            step("inspect and tags")
-            run("inspect", f"{ref}:v1", env=env)
-            run("tags", ref, env=env)
+        step("inspect and tags")
+        run("inspect", f"{ref}:v1", env=env)
+        run("tags", ref, env=env)
 
         step("pull into the cache (verified, sparse), clone from the registry")
         run("delete", "scratch", env=env)
@@ -110,18 +104,34 @@ def main() -> None:
         run("clone", f"{ref}:v1", "from-registry", env=env)
         run("list", env=env)
 
-        for cmd, args in (
-            ("copy", [f"{ref}:v1", f"{b.host}/mirror/vm:v1"]),
-            ("tag", [f"{ref}:v1", "stable"]),
-            ("verify", [f"{b.host}/mirror/vm:v1", "--deep"]),
-            ("export", ["demo", str(DEMO / "demo-layout")]),
-        ):
-            if has_command(cmd, env):
-                step(cmd)
-                run(cmd, *args, env=env)
+        step("copy to another registry (same digest), tag remotely, verify deeply")
+        mirror = f"{b.host}/mirror/vm"
+        run("copy", f"{ref}:v1", f"{mirror}:v1", env=env)
+        run("copy", f"{ref}:v1", f"{mirror}:v1", env=env)  # resumable: nothing left to send
+        run("tag", f"{ref}:v1", "stable", "prod", env=env)
+        run("verify", f"{mirror}:v1", "--deep", env=env)
+        run("verify", f"{ref}:v1", env=env)  # the cached entry, frame by frame
+        run("verify", "demo", env=env)
+
+        step("a multi-platform index: one entry per VM's platform")
+        run("create", "arm", "--disk-size", "64M", "--arch", "aarch64", env=env)
+        run("push", "demo", "arm", "--index", f"{ref}:multi", env=env)
+        run("inspect", f"{ref}:multi", env=env)
+        run("pull", f"{ref}:multi", "--platform", "linux/arm64", env=env)
+
+        step("Tart's format: push, pull back, re-push without uploading")
+        run("push", "demo", f"{a.host}/tart/vm:v1", "--format", "tart", env=env)
+        run("clone", f"{a.host}/tart/vm:v1", "from-tart", env=env)
+        run("push", "from-tart", f"{a.host}/tart/vm:v2", "--format", "tart", env=env)
+
+        step("export to an OCI layout archive and import it back")
+        archive = DEMO / "demo.tar"
+        run("export", "demo", str(archive), env=env)
+        run("import", str(archive), "imported", env=env)
+        run("list", env=env)
 
         step("clean up: delete cached image, prune")
-        run("delete", f"{ref}:v1", "from-registry", env=env)
+        run("delete", f"{ref}:v1", "from-registry", "from-tart", "imported", env=env)
         run("prune", env=env)
         run("list", env=env)
     finally:

@@ -434,3 +434,15 @@ def test_concurrent_pulls_download_once(
     images = Store(home).cached_images()
     assert len(images) == 1
     assert sha256_file(home / "cache" / images[0].dirname / "disk.img") == sha256_file(disk)
+
+
+def test_all_zero_disk_round_trip(barge_home: Path, registry: RunningRegistry) -> None:
+    """An empty disk has no chunk layer at all; it is still a barge image."""
+    store = Store()
+    create_vm(store, "empty", disk_size=64 * MiB)
+    ref = f"{registry.host}/empty/vm:v1"
+    res = push(store, "empty", [ref], SMALL)
+    assert res.layers == 2  # VM config and frame index only
+    pulled = pull(Store(store.home.parent / "empty-home"), ref)
+    disk = pulled.path / "disk.img"
+    assert disk.stat().st_size == 64 * MiB and disk.stat().st_blocks == 0

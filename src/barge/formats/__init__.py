@@ -30,6 +30,10 @@ CONFIG_MEDIA_TYPES = frozenset({OCI_CONFIG_MEDIA_TYPE, DOCKER_CONFIG_MEDIA_TYPE}
 # barge's own format (FORMAT.md §3); the authoritative definitions live with its codec.
 BARGE_ARTIFACT_TYPE = "application/vnd.barge.vm.v1"
 BARGE_CHUNK_MEDIA_TYPE_PREFIX = "application/vnd.barge.disk.chunk.v1"
+# an image of an all-zero disk has no chunk layer, but always its VM config and frame index
+BARGE_METADATA_MEDIA_TYPES = frozenset(
+    {"application/vnd.barge.vm.config.v1+json", "application/vnd.barge.disk.index.v1+json"}
+)
 #: barge adds this to each Tart disk layer it writes so that it can read them order-independently.
 BARGE_OFFSET_ANNOTATION = "dev.barge.disk.offset"
 
@@ -169,7 +173,8 @@ def manifest_annotations(manifest: Mapping[str, Any], what: str) -> dict[str, st
 def detect_format(manifest: Mapping[str, Any]) -> FormatName:
     """Tell which VM image format an image manifest carries, from media types only.
 
-    ``barge``: a layer of ``application/vnd.barge.disk.chunk.v1*`` or an ``artifactType`` /
+    ``barge``: a layer of ``application/vnd.barge.disk.chunk.v1*``, barge's VM config or frame
+    index layer, or an ``artifactType`` /
     config media type ``application/vnd.barge.vm.v1``. ``tart``: any
     ``application/vnd.cirruslabs.tart.*`` layer. ``vetu``: any
     ``application/vnd.cirruslabs.vetu.*`` layer. Anything else (including non-objects) is
@@ -189,6 +194,7 @@ def detect_format(manifest: Mapping[str, Any]) -> FormatName:
         manifest.get("artifactType") == BARGE_ARTIFACT_TYPE
         or config_type == BARGE_ARTIFACT_TYPE
         or any(t.startswith(BARGE_CHUNK_MEDIA_TYPE_PREFIX) for t in types)
+        or any(t in BARGE_METADATA_MEDIA_TYPES for t in types)
     ):
         return "barge"
     if any(t.startswith("application/vnd.cirruslabs.tart.") for t in types):
