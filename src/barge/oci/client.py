@@ -6,6 +6,11 @@ Every step is retried with exponential backoff and jitter on connection errors, 
 that carry data are never blindly repeated: uploads resume from the offset the server
 confirms (GET on the upload URL) or start a fresh session; downloads resume with ``Range``.
 Every downloaded byte of a whole blob or manifest is checked against its digest.
+
+Connections: every response is finished with :func:`~barge.oci.transport.release`, which puts
+its connection back in the pool only when the body was read to the end (draining a small
+remainder) and closes it otherwise; a broken connection is a retryable connection error,
+never a raw exception.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from typing import IO, Any, BinaryIO, NoReturn
 from urllib.parse import quote, urlencode, urlsplit
 
 import urllib3
-from urllib3.exceptions import HTTPError as Urllib3Error
 
 from barge.errors import LimitError, RegistryError
 from barge.oci.auth import Authenticator, CredentialStore, default_home
@@ -38,7 +42,7 @@ from barge.oci.errors import (
     TooManyRequests,
     error_from_response,
 )
-from barge.oci.transport import RetryPolicy, Transport, redact_url
+from barge.oci.transport import CONNECTION_ERRORS, RetryPolicy, Transport, redact_url, release
 from barge.oci.types import (
     MANIFEST_ACCEPT,
     Descriptor,
@@ -53,6 +57,7 @@ __all__ = ["BlobReader", "RegistryClient"]
 log = logging.getLogger("barge.oci")
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE"})  # plus PUT of a manifest
 MAX_MANIFEST_SIZE = 8 << 20
 MAX_ERROR_BODY = 64 << 10
 MAX_TAG_PAGES = 10_000
@@ -167,6 +172,7 @@ class BlobReader(io.RawIOBase):
             m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", ""))
             if not m or int(m.group(1)) != self._pos:
                 resp.close()
+                release(resp, drain=0)
                 raise RegistryResponseError(
                     f"{self._client.registry}: blob {self.digest}: bad Content-Range answer"
                 )
@@ -208,14 +214,16 @@ class BlobReader(io.RawIOBase):
         return len(data)
 
     def _drop(self, reusable: bool) -> None:
+        """Let go of the response. ``reusable``: the stream is healthy, so the connection may
+        go back to the pool once the rest of the body (e.g. the tail a server sent when it
+        ignored ``Range``) is drained, if short; otherwise (or after an error) it is closed."""
         resp, self._resp, self._fp = self._resp, None, None
         if resp is None:
             return
         if not reusable:
             with contextlib.suppress(Exception):
                 resp.close()
-        with contextlib.suppress(Exception):
-            resp.release_conn()
+        release(resp, drain=0 if not reusable else 64 << 10)
 
     def _resume(self, err: BaseException) -> None:
         self._drop(False)
@@ -259,7 +267,7 @@ class BlobReader(io.RawIOBase):
                     return 0
             try:
                 n = self._raw_readinto(mv[:want])
-            except (http.client.HTTPException, Urllib3Error, OSError) as e:
+            except CONNECTION_ERRORS as e:
                 self._resume(e)
                 continue
             if n == 0:
@@ -396,6 +404,7 @@ class RegistryClient:
         started = time.monotonic()
         attempt = 0
         auth_tries = 0
+        idempotent = method in IDEMPOTENT or (method == "PUT" and kind == "manifest")
         while True:
             url = self._url(path)
             hdrs = dict(headers or {})
@@ -404,7 +413,12 @@ class RegistryClient:
                 hdrs["Authorization"] = auth
             try:
                 resp, final = self._transport.send(
-                    method, url, hdrs, body() if body else None, body_again=body
+                    method,
+                    url,
+                    hdrs,
+                    body() if body else None,
+                    body_again=body,
+                    idempotent=idempotent,
                 )
             except RegistryUnreachable as e:
                 if not retry or not getattr(e, "retryable", True):
@@ -464,46 +478,53 @@ class RegistryClient:
         missing_ok: bool = False,
         max_body: int = MAX_MANIFEST_SIZE,
     ) -> _Response:
-        resp = self._stream(
-            method,
-            path,
-            scopes=scopes,
-            headers=headers,
-            body=body,
-            ok=ok,
-            kind=kind,
-            what=what,
-            retry=retry,
-            missing_ok=missing_ok,
-        )
-        try:
-            if method == "HEAD":
-                data = b""
-            else:
-                cl = resp.headers.get("Content-Length")
-                if cl and cl.isdigit() and int(cl) > max_body:
-                    raise LimitError(f"{self.registry}: {what}: answer too large ({cl} bytes)")
-                data = resp.read(max_body + 1, decode_content=True)
-                if len(data) > max_body:
-                    raise LimitError(
-                        f"{self.registry}: {what}: answer larger than {max_body} bytes"
-                    )
-        except (Urllib3Error, OSError, http.client.HTTPException) as e:
-            resp.close()
-            raise RegistryUnreachable(
-                f"cannot reach registry {self.registry}: {what}: {type(e).__name__}"
-            ) from None
-        finally:
-            resp.release_conn()
-        return _Response(resp.status, resp.headers, data, resp.geturl() or path)
+        # a connection that breaks while the answer is read: idempotent requests get one
+        # more try (the transport opens a new connection), others report it
+        again = retry and (method in IDEMPOTENT or (method == "PUT" and kind == "manifest"))
+        while True:
+            resp = self._stream(
+                method,
+                path,
+                scopes=scopes,
+                headers=headers,
+                body=body,
+                ok=ok,
+                kind=kind,
+                what=what,
+                retry=retry,
+                missing_ok=missing_ok,
+            )
+            try:
+                data = self._read_body(resp, method, what, max_body)
+            except CONNECTION_ERRORS as e:
+                resp.close()
+                if again:
+                    again = False
+                    log.debug("%s %s: answer broken off (%s); retrying", method, what, e)
+                    continue
+                raise RegistryUnreachable(
+                    f"cannot reach registry {self.registry}: {what}: {type(e).__name__}"
+                ) from None
+            finally:
+                release(resp)
+            return _Response(resp.status, resp.headers, data, resp.geturl() or path)
+
+    def _read_body(
+        self, resp: urllib3.BaseHTTPResponse, method: str, what: str, max_body: int
+    ) -> bytes:
+        if method == "HEAD":
+            return b""
+        cl = resp.headers.get("Content-Length")
+        if cl and cl.isdigit() and int(cl) > max_body:
+            raise LimitError(f"{self.registry}: {what}: answer too large ({cl} bytes)")
+        data = resp.read(max_body + 1, decode_content=True)
+        if len(data) > max_body:
+            raise LimitError(f"{self.registry}: {what}: answer larger than {max_body} bytes")
+        return data
 
     @staticmethod
     def _discard(resp: urllib3.BaseHTTPResponse) -> None:
-        try:
-            resp.read(MAX_ERROR_BODY)
-        except Exception:
-            resp.close()
-        resp.release_conn()
+        release(resp, drain=MAX_ERROR_BODY)
 
     @staticmethod
     def _read_error(resp: urllib3.BaseHTTPResponse, method: str) -> bytes:
@@ -513,7 +534,7 @@ class RegistryClient:
                 data = resp.read(MAX_ERROR_BODY, decode_content=True)
             except Exception:
                 resp.close()
-        resp.release_conn()
+        release(resp)
         return data
 
     def _raise(

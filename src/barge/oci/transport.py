@@ -9,12 +9,20 @@
   A certificate that does not verify is never silently accepted.
 * Redirects are followed by hand (at most :data:`MAX_REDIRECTS`); ``Authorization`` is
   dropped whenever the scheme, host or port changes.
+* A connection goes back to the pool only when its response was read to the end
+  (:func:`release`: a small remainder is drained, anything else closes the connection).
+  http.client cannot send a request on a connection whose previous response is unfinished
+  (``ResponseNotReady``); an idempotent request that meets such a broken pooled connection
+  is retried once at once on a new connection. Every connection-level failure (including
+  ``ValueError`` from a torn-down connection) is raised as :class:`RegistryUnreachable`.
 * ``debug``/``BARGE_DEBUG=1`` logs each exchange to the ``barge.oci`` logger with the
   Authorization header and signed-URL query strings redacted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import ipaddress
 import logging
 import os
@@ -30,17 +38,94 @@ from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import SSLError
+from urllib3.exceptions import LocationValueError, SSLError
 
 from barge.oci.errors import RegistryUnreachable
 
-__all__ = ["MAX_REDIRECTS", "RetryPolicy", "Transport", "is_loopback", "redact_url"]
+__all__ = [
+    "CONNECTION_ERRORS",
+    "MAX_REDIRECTS",
+    "RetryPolicy",
+    "Transport",
+    "is_loopback",
+    "redact_url",
+    "release",
+]
 
 log = logging.getLogger("barge.oci")
 
 MAX_REDIRECTS = 5
 USER_AGENT = "barge/0.1 (+https://github.com/barge)"
 BLOCKSIZE = 1 << 20
+DRAIN_LIMIT = 64 << 10  # unread body bytes worth reading to keep a connection
+
+# What a request or a body read raises when the connection breaks. ValueError: http.client
+# and the socket file raise "I/O operation on closed file" when a connection is torn down
+# under a request (urllib3 closing a broken pooled connection can raise it too).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    Urllib3Error,
+    http.client.HTTPException,
+    OSError,
+    ValueError,
+)
+
+
+def release(resp: urllib3.BaseHTTPResponse, *, drain: int = DRAIN_LIMIT) -> None:
+    """Give ``resp``'s connection back to the pool, but only if the response is finished.
+
+    The body left unread is read and discarded when it is at most ``drain`` bytes; a longer
+    or unknown remainder, or a failed read, closes the connection instead. A connection put
+    back with an unfinished response would break the next request made on it, in whatever
+    thread takes it (``ResponseNotReady('Request-sent')``). This matters even for HEAD and
+    empty bodies: http.client marks such a response finished only once it is read or
+    closed, which urllib3 otherwise leaves to garbage collection of the response object,
+    after the connection is already back in the pool.
+
+    Must be called by the thread that owns ``resp``; idempotent.
+    """
+    raw = getattr(resp, "_original_response", None)
+    finished = False
+    try:
+        if isinstance(raw, http.client.HTTPResponse):
+            left = drain
+            while not raw.isclosed():
+                if raw.length is not None and raw.length > left:
+                    break  # known to be too long to drain
+                # HEAD, 204/304 and read-to-the-end bodies: read() returns b"" and closes
+                data = raw.read(min(left if raw.length is None else raw.length, 1 << 16))
+                left -= len(data)
+                if not data or left < 0:
+                    break
+            finished = raw.isclosed()
+    except Exception:  # noqa: BLE001 - any failure: the connection is not reusable
+        finished = False
+    if not finished:
+        with contextlib.suppress(Exception):
+            resp.close()  # closes the connection; the pool opens a new one in its place
+    with contextlib.suppress(Exception):
+        resp.release_conn()
+
+
+def _broken_connection(e: BaseException) -> bool:
+    """The failure says only that the pooled connection was unusable, nothing about the server:
+    http.client refused to use it (a previous response on it was unfinished:
+    ``ResponseNotReady``/``CannotSendRequest``) or it was torn down under the request
+    (``ValueError: I/O operation on closed file``). Worth one immediate retry on a new
+    connection. Resets, refusals, timeouts and TLS failures are left to the caller's backoff."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [e]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, LocationValueError):
+            return False
+        if isinstance(cur, (http.client.ImproperConnectionState, ValueError)):
+            return True
+        todo.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
+        todo.extend(x for x in (cur.__cause__, cur.__context__) if x is not None)
+    return False
 
 
 @dataclass
@@ -191,8 +276,7 @@ class Transport:
                 redirect=False,
                 headers={"User-Agent": USER_AGENT},
             )
-            r.drain_conn()
-            r.release_conn()
+            release(r)
             return https
         except SSLError as e:
             if not self.insecure and _is_verify_error(e):
@@ -230,18 +314,59 @@ class Transport:
         *,
         follow: bool = True,
         body_again: Any = None,
+        idempotent: bool | None = None,
     ) -> tuple[urllib3.BaseHTTPResponse, str]:
         """Send one request following redirects; returns (response, final url).
 
-        The response body is not read (``preload_content=False``). ``body_again`` is a
-        zero-argument callable producing a fresh body for a 307/308 replay.
+        The response body is not read (``preload_content=False``); the caller hands the
+        response to :func:`release` when done. ``body_again`` is a zero-argument callable
+        producing a fresh body for a 307/308 replay or a retry. ``idempotent`` (default: GET,
+        HEAD, DELETE) allows one immediate retry when the connection turns out broken.
         """
+        if idempotent is None:
+            idempotent = method in ("GET", "HEAD", "DELETE")
         hdrs = dict(headers)
         hdrs.setdefault("User-Agent", USER_AGENT)
         for hop in range(MAX_REDIRECTS + 1):
+            resp = self._exchange(method, url, hdrs, body, idempotent, body_again)
+            self._log_response(resp)
+            if not follow or resp.status not in (301, 302, 303, 307, 308):
+                return resp, url
+            location = resp.headers.get("Location")
+            if not location or hop == MAX_REDIRECTS:
+                return resp, url
+            release(resp)
+            target = urljoin(url, location)
+            if _origin(target) != _origin(url):
+                hdrs.pop("Authorization", None)
+            if resp.status == 303 or (resp.status in (301, 302) and method not in ("GET", "HEAD")):
+                method, body = "GET", None
+                idempotent = True
+                hdrs.pop("Content-Length", None)
+                hdrs.pop("Content-Type", None)
+            elif body is not None:
+                body = body_again() if body_again is not None else body
+            url = target
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _exchange(
+        self,
+        method: str,
+        url: str,
+        hdrs: dict[str, str],
+        body: Any,
+        idempotent: bool,
+        body_again: Any,
+    ) -> urllib3.BaseHTTPResponse:
+        """One request/response. A connection-level failure raises :class:`RegistryUnreachable`
+        (never a raw urllib3/http.client/ValueError); an idempotent request whose connection
+        turned out broken is first retried once at once. urllib3 closes the broken connection
+        and puts an empty slot back in its (LIFO) pool, so the retry normally opens a new
+        connection; any other pooled one it may get was put back finished (:func:`release`)."""
+        for attempt in (0, 1):
             self._log_request(method, url, hdrs)
             try:
-                resp = self._pool_for(url).request(
+                return self._pool_for(url).request(
                     method,
                     url,
                     headers=hdrs,
@@ -251,26 +376,19 @@ class Transport:
                     redirect=False,
                     retries=False,
                 )
-            except Urllib3Error as e:
+            except CONNECTION_ERRORS as e:
+                replayable = body is None or isinstance(body, bytes) or body_again is not None
+                if attempt == 0 and idempotent and replayable and _broken_connection(e):
+                    log.debug(
+                        "%s %s: connection broken (%s); retrying on a new connection",
+                        method,
+                        redact_url(url),
+                        _reason(e),
+                    )
+                    if body is not None and not isinstance(body, bytes):
+                        body = body_again()
+                    continue
                 raise _unreachable(self.registry, url, e) from None
-            self._log_response(resp)
-            if not follow or resp.status not in (301, 302, 303, 307, 308):
-                return resp, url
-            location = resp.headers.get("Location")
-            if not location or hop == MAX_REDIRECTS:
-                return resp, url
-            resp.drain_conn()
-            resp.release_conn()
-            target = urljoin(url, location)
-            if _origin(target) != _origin(url):
-                hdrs.pop("Authorization", None)
-            if resp.status == 303 or (resp.status in (301, 302) and method not in ("GET", "HEAD")):
-                method, body = "GET", None
-                hdrs.pop("Content-Length", None)
-                hdrs.pop("Content-Type", None)
-            elif body is not None:
-                body = body_again() if body_again is not None else body
-            url = target
         raise AssertionError("unreachable")  # pragma: no cover
 
     def fetch(self, url: str, headers: dict[str, str]) -> tuple[int, bytes, Mapping[str, str]]:
@@ -278,8 +396,11 @@ class Transport:
         resp, _ = self.send("GET", url, headers)
         try:
             data = resp.read(1 << 20, decode_content=True)
+        except CONNECTION_ERRORS as e:
+            resp.close()
+            raise _unreachable(self.registry, url, e) from None
         finally:
-            resp.release_conn()
+            release(resp)
         return resp.status, data, resp.headers
 
     # -- debug ------------------------------------------------------------------------------
