@@ -68,7 +68,7 @@ def test_wrong_frame_digest(encoded: tuple[Path, ChunkMeta, bytes]) -> None:
 def test_wrong_chunk_digest(encoded: tuple[Path, ChunkMeta, bytes]) -> None:
     out, meta, blob = encoded
     bad = dataclasses.replace(meta, udigest="sha256:" + "1" * 64)
-    with pytest.raises(IntegrityError, match="the chunk decodes to"):
+    with pytest.raises(IntegrityError, match="the chunk.s frames hash to"):
         decode(out, bad, blob)
 
 

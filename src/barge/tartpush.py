@@ -212,7 +212,7 @@ class TartPush:
             def work(plan: ChunkPlan) -> tuple[ChunkDigests, tartfmt.DiskChunk]:
                 digests = known.get((plan.disk, plan.offset))
                 if digests is None:
-                    digests = hash_chunk(fd, plan, hash_frame)
+                    digests = hash_chunk(fd, plan, hash_frame, content_digest=True)
                     with self._lock:
                         p.stats.hashed_bytes += plan.length
                 if digests.all_zero:
@@ -339,7 +339,7 @@ class TartPush:
             raise UnsupportedError(f"Tart images hold macOS or Linux VMs, not {cfg.os!r}")
         arch = OCI_ARCH.get(cfg.arch, cfg.arch)
         if arch != "arm64":
-            self.p.note(f"this is a {arch} VM: Tart runs arm64 VMs only (Apple Silicon)")
+            self.p.note(f"the VM is {arch}: Tart runs arm64 VMs only (Apple Silicon)")
         disk_format = cfg.disks[0].format if cfg.disks[0].format in ("raw", "asif") else "raw"
         try:
             built = tartfmt.build_tart_vm_config(

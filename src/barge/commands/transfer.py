@@ -51,7 +51,7 @@ def _opt_size(value: str | None, what: str) -> int | None:
 @click.option(
     "--compression",
     default=None,
-    help="zstd[:LEVEL] (default zstd:3), lz4 or none.",
+    help="zstd[:LEVEL] (default zstd:1), lz4 or none.",
 )
 @click.option(
     "--chunk-size", help="Disk bytes per layer (default 512M; raised to fit a layer cap)."

@@ -26,6 +26,7 @@ from barge.disk.index import (
     MIN_FRAME_SIZE,
     ChunkMeta,
     FrameInfo,
+    chunk_digest,
     validate_disk_name,
     zero_digest,
 )
@@ -72,7 +73,7 @@ class ChunkDigests:
 @dataclass(frozen=True, slots=True)
 class EncodedChunk:
     plan: ChunkPlan
-    udigest: str  # sha256 of the uncompressed chunk
+    udigest: str  # barge's hash-list digest of the uncompressed chunk (index.chunk_digest)
     cdigest: str  # sha256 of the layer blob (the layer digest)
     csize: int  # layer size
     frames: tuple[FrameInfo, ...]
@@ -121,26 +122,39 @@ def plan_chunks(
     ]
 
 
-def hash_chunk(fd: int, plan: ChunkPlan, frame_size: int = DEFAULT_FRAME_SIZE) -> ChunkDigests:
+def hash_chunk(
+    fd: int,
+    plan: ChunkPlan,
+    frame_size: int = DEFAULT_FRAME_SIZE,
+    *,
+    content_digest: bool = False,
+) -> ChunkDigests:
     """Hash a chunk without compressing it (holes are not read; zero frames are detected).
 
+    ``udigest`` is barge's hash-list digest (:func:`chunk_digest`): every data byte is hashed
+    once and holes not at all. ``content_digest=True`` makes it the plain sha256 of the whole
+    chunk instead (zeros included), as Tart's and Vetu's annotations need.
     Cheap enough to run before deciding what to upload; pass the result to
     :func:`encode_chunk` as ``known`` to skip hashing (and hole reading) a second time."""
     _check_frame_size(frame_size)
     reader = _FrameReader(fd, plan, frame_size, nbufs=1)
-    chunk_hash = hashlib.sha256()
+    content = hashlib.sha256() if content_digest else None
     frames: list[tuple[str, bool]] = []
     for i in range(reader.count):
         buf, n, zero = reader.read(i, reader.take())
         if zero:
-            chunk_hash.update(reader.zeros[:n])
+            if content is not None:
+                content.update(reader.zeros[:n])
             frames.append((zero_digest(n), True))
         else:
             view = memoryview(buf)[:n]
-            chunk_hash.update(view)
+            if content is not None:
+                content.update(view)
             frames.append(("sha256:" + hashlib.sha256(view).hexdigest(), False))
         reader.give(buf)
-    return ChunkDigests("sha256:" + chunk_hash.hexdigest(), tuple(frames))
+    if content is not None:
+        return ChunkDigests("sha256:" + content.hexdigest(), tuple(frames))
+    return ChunkDigests(chunk_digest(d for d, _ in frames), tuple(frames))
 
 
 def encode_chunk(
@@ -226,7 +240,6 @@ class EncodeStream:
             raise UsageError(
                 f"known digests list {len(known.frames)} frames, the chunk has {reader.count}"
             )
-        chunk_hash = hashlib.sha256() if known is None else None
         layer_hash = hashlib.sha256()
         frames: list[FrameInfo] = []
         coff = 0
@@ -262,8 +275,6 @@ class EncodeStream:
                     view = memoryview(buf)[:n]
                     if zero:
                         digest = zero_digest(n)
-                        if chunk_hash is not None:
-                            chunk_hash.update(reader.zeros[:n])
                         reader.give(buf)
                         pending.append((i, n, digest, None, None))
                     else:
@@ -276,8 +287,6 @@ class EncodeStream:
                             work = pool.submit(codec.compress, view)
                         else:
                             work = codec.compress(view)
-                        if chunk_hash is not None:
-                            chunk_hash.update(view)
                         pending.append((i, n, digest, buf, work))
                 while pending and (
                     len(pending) > self._workers or not isinstance(pending[0][4], Future)
@@ -292,7 +301,7 @@ class EncodeStream:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        udigest = known.udigest if known is not None else "sha256:" + chunk_hash.hexdigest()  # type: ignore[union-attr]
+        udigest = known.udigest if known is not None else chunk_digest(f.digest for f in frames)
         self._result = EncodedChunk(
             plan=plan,
             udigest=udigest,

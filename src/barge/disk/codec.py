@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 CODEC_NAMES = ("zstd", "lz4", "none")
-DEFAULT_ZSTD_LEVEL = 3
+DEFAULT_ZSTD_LEVEL = 1
 DEFAULT_LZ4_LEVEL = 0  # lz4's fast mode; 3..16 are the slow "HC" levels
 ZSTD_LEVELS = range(1, 20)  # 20..22 ("ultra") need large windows; refuse them
 LZ4_LEVELS = range(0, 17)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from barge.disk.codec import Codec
-from barge.disk.index import ChunkMeta, FrameInfo, validate_layout
+from barge.disk.index import ChunkMeta, FrameInfo, chunk_digest, validate_layout
 from barge.errors import IntegrityError, NoSpaceError
 
 __all__ = [
@@ -81,14 +81,10 @@ def decode_chunk(
         buffers = DecodeBuffers(meta.frame_size)
     cview = memoryview(buffers.cbuf)
     uview = memoryview(buffers.ubuf)
-    chunk_hash = hashlib.sha256() if verify_udigest else None
     layer_hash = hashlib.sha256() if verify_layer else None
     for i, f in enumerate(meta.frames):
         n = f.usize
-        if f.zero:
-            if chunk_hash is not None:
-                chunk_hash.update(buffers.zeros[:n])
-        else:
+        if not f.zero:
             if f.csize > len(cview):
                 raise IntegrityError(
                     f"layer {meta.digest}: frame {i} claims {f.csize} compressed bytes, "
@@ -109,8 +105,6 @@ def decode_chunk(
                     f"layer {meta.digest}: frame {i} (disk {meta.disk!r} offset "
                     f"{meta.offset + f.uoffset}) decodes to {digest}, the index says {f.digest}"
                 )
-            if chunk_hash is not None:
-                chunk_hash.update(uv)
             off = meta.offset + f.uoffset
             if sparse:
                 _write_zero_aware(fd_out, off, buffers.ubuf, n)
@@ -124,11 +118,14 @@ def decode_chunk(
         raise IntegrityError(
             f"layer {meta.digest}: the compressed stream hashes to sha256:{layer_hash.hexdigest()}"
         )
-    if chunk_hash is not None and "sha256:" + chunk_hash.hexdigest() != meta.udigest:
-        raise IntegrityError(
-            f"layer {meta.digest}: the chunk decodes to sha256:{chunk_hash.hexdigest()}, "
-            f"its annotation says {meta.udigest}"
-        )
+    if verify_udigest:
+        # every frame matched its digest above, so the chunk is verified by its hash list
+        got = chunk_digest(f.digest for f in meta.frames)
+        if got != meta.udigest:
+            raise IntegrityError(
+                f"layer {meta.digest}: the chunk's frames hash to {got}, "
+                f"its annotation says {meta.udigest}"
+            )
 
 
 def decode_frame(data: bytes | bytearray | memoryview, frame: FrameInfo, codec: Codec) -> bytes:
