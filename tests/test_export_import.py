@@ -54,6 +54,9 @@ def test_export_sparse_vm_to_archive_streams_and_imports(store: Store, tmp_path:
     out = store.vm_path("big2") / "disk.img"
     assert out.stat().st_size == 1 * GiB and out.stat().st_blocks * 512 < 8 * MiB
     assert sha256_file(out) == sha256_file(store.vm_path("big") / "disk.img")
+    assert json.loads(barge("list", "--source", "oci", "--format", "json")) == []
+    barge("import", str(archive), "big3")  # the same image again: still no cache entry left
+    assert json.loads(barge("list", "--source", "oci", "--format", "json")) == []
 
 
 def test_export_reference_and_index_then_import_by_platform(

@@ -128,11 +128,12 @@ def import_image(
     res, _cloned = clone_image(
         store, text, name, PullOptions(concurrency=concurrency, platform=platform), reporter
     )
-    if not res.up_to_date:  # the pull was only the way in: do not keep a cache entry for it
-        cat = store.catalog
-        for r in cat.refs(res.digest):
-            if r.registry == loc.kind and r.repository == str(loc.path.absolute()):
-                cat.remove_ref(r.registry, r.repository, r.tag, r.digest)
-        if not cat.refs(res.digest):
-            store.gc(only={res.digest})
+    # the pull was only the way in: keep no cache reference to the layout (an image that was
+    # cached before stays, under its own references)
+    cat = store.catalog
+    for r in cat.refs(res.digest):
+        if r.registry == loc.kind and r.repository == str(loc.path.absolute()):
+            cat.remove_ref(r.registry, r.repository, r.tag, r.digest)
+    if not res.up_to_date and not cat.refs(res.digest):
+        store.gc(only={res.digest})
     return {"source": text, "digest": res.digest, "format": res.format, "name": name}
