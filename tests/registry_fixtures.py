@@ -700,9 +700,22 @@ class FaultProxy:
             for k, v in h.headers.items():
                 if k.lower() not in _HOP:
                     conn.putheader(k, v)
-            conn.endheaders()
-            left = length
             limit = rule.after_request_bytes if rule and rule.action == "reset" else None
+            if _is_chunked(h):  # a streamed upload: forward it chunk by chunk
+                conn.putheader("Transfer-Encoding", "chunked")
+                conn.endheaders()
+                for piece in _read_chunked(h):
+                    if limit is not None and ex.request_bytes + len(piece) > limit:
+                        conn.close()
+                        h._barge_upstream = None  # type: ignore[attr-defined]
+                        self._reset(h)
+                        return
+                    conn.send(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                    ex.request_bytes += len(piece)
+                conn.send(b"0\r\n\r\n")
+            else:
+                conn.endheaders()
+            left = 0 if _is_chunked(h) else length
             while left > 0:
                 want = min(left, 1 << 20)
                 if limit is not None:
@@ -806,6 +819,10 @@ class FaultProxy:
 
     @staticmethod
     def _drain(h: BaseHTTPRequestHandler, length: int, ex: Exchange) -> None:
+        if _is_chunked(h):
+            for piece in _read_chunked(h):
+                ex.dropped_bytes += len(piece)
+            return
         left = length
         while left > 0:
             data = h.rfile.read(min(left, 1 << 20))
@@ -813,6 +830,27 @@ class FaultProxy:
                 break
             ex.dropped_bytes += len(data)
             left -= len(data)
+
+
+def _is_chunked(h: BaseHTTPRequestHandler) -> bool:
+    return "chunked" in (h.headers.get("Transfer-Encoding") or "").lower()
+
+
+def _read_chunked(h: BaseHTTPRequestHandler) -> Iterator[bytes]:
+    """The pieces of a chunked request body (bounded: at most 1 GiB per piece)."""
+    for _ in range(1 << 20):
+        line = h.rfile.readline(1024)
+        if not line:
+            return
+        n = int(line.split(b";")[0].strip() or b"0", 16)
+        if n == 0:
+            while h.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass
+            return
+        if n > 1 << 30:
+            raise ValueError("chunk too large")
+        yield h.rfile.read(n)
+        h.rfile.readline(8)
 
 
 # -- object store (redirect target) -------------------------------------------------------------

@@ -9,7 +9,7 @@ the disk codec at the edges (push encodes, pull decodes).
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
@@ -76,6 +76,18 @@ class RegistryEnd:
             self.repo, digest, size, open_at, chunk_size=self.upload_chunk_size, progress=progress
         )
         self.store.catalog.add_blob_location(digest, self.registry, self.repo)
+
+    def put_stream(
+        self,
+        produce: Callable[[], Iterable[bytes]],
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[str, int]:
+        """Upload a blob while it is produced; returns its (digest, size)."""
+        digest, size = self.client.upload_stream(
+            self.repo, produce, chunk_size=self.upload_chunk_size, progress=progress
+        )
+        self.store.catalog.add_blob_location(digest, self.registry, self.repo)
+        return digest, size
 
     def try_mount(self, digest: str, size: int) -> bool:
         for other in self.store.catalog.blob_repositories(digest, self.registry):

@@ -24,9 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from barge.disk.chunker import ChunkDigests, ChunkPlan, encode_chunk, hash_chunk, plan_chunks
+from barge.disk.chunker import (
+    ChunkDigests,
+    ChunkPlan,
+    EncodedChunk,
+    EncodeStream,
+    encode_chunk,
+    hash_chunk,
+    iter_encoded_chunk,
+    plan_chunks,
+)
 from barge.disk.codec import DEFAULT_CODEC, Codec, parse_codec
-from barge.disk.index import INDEX_MEDIA_TYPE, ChunkMeta, FrameIndex, FrameInfo, chunk_media_type
+from barge.disk.index import (
+    INDEX_MEDIA_TYPE,
+    ChunkMeta,
+    FrameIndex,
+    FrameInfo,
+    chunk_digest,
+    chunk_media_type,
+    zero_digest,
+)
 from barge.disk.sizing import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_FRAME_SIZE,
@@ -34,6 +51,7 @@ from barge.disk.sizing import (
     default_upload_chunk_size,
     known_layer_limit,
 )
+from barge.disk.sparse import data_extents
 from barge.endpoints import End, LayoutEnd, RegistryEnd, parse_location
 from barge.errors import LimitError, UsageError
 from barge.image import (
@@ -51,7 +69,8 @@ from barge.progress import NullReporter, Reporter
 from barge.store import VM, Store
 from barge.store.catalog import ChunkRow
 
-FILE_STATE_KEY = "chunks:v1:{chunk}:{frame}"
+FILE_STATE_KEY = "chunks:v2:{chunk}:{frame}"  # v2: hash-list chunk digests
+FRAME_WORKERS = 2  # threads compressing the frames of one chunk (the codecs release the GIL)
 
 
 @dataclass
@@ -255,11 +274,14 @@ class Pusher:
         total = sum(p.length for p in plans)
         task = self.reporter.task(f"pushing {vm.name}", total)
         known = self._known_digests(vm, chunk_size, fs)
+        prehash = self._worth_prehashing(vm)
         spool = self.store.tmp_dir
         self._lease_id = lease_id
 
         fds = {name: os.open(vm.disk_path(name), os.O_RDONLY) for name in disks}
         stats_before = {name: os.fstat(fd) for name, fd in fds.items()}
+        for name, st in stats_before.items():  # a later (or resumed) push hashes first
+            self.store.catalog.mark_seen(str(vm.disk_path(name)), st)
         metas: list[ChunkMeta] = []
         digests_by_disk: dict[str, list[list[Any]]] = {name: [] for name in disks}
         try:
@@ -267,6 +289,15 @@ class Pusher:
             def work(plan: ChunkPlan) -> tuple[ChunkPlan, ChunkDigests, ChunkMeta | None]:
                 fd = fds[plan.disk]
                 kd = known.get((plan.disk, plan.offset))
+                if kd is None and not prehash and not _has_data(fd, plan):
+                    kd = _zero_digests(plan, fs)  # holes only: nothing to read or hash
+                if kd is None and not prehash:
+                    # a disk never pushed or pulled: no chunk of it can be known, so encode
+                    # and upload in one pass instead of hashing first
+                    meta, digests = self._stream_chunk(fd, plan, targets, spool, task)
+                    with self._lock:
+                        self.stats.hashed_bytes += plan.length
+                    return plan, digests, meta
                 digests = kd if kd is not None else hash_chunk(fd, plan, fs)
                 if kd is None:
                     with self._lock:
@@ -379,38 +410,116 @@ class Pusher:
             if all(self._ensure(t.end, meta.digest, meta.size, None) for t in targets):
                 task.advance(plan.length)
                 return meta
-        # compress into a spool file (bounded memory), then upload from it
-        spool = spool_dir / f"push-{os.getpid()}-{threading.get_ident()}-{plan.offset}.layer"
-        cat.lease_add(self._lease_id, "path", [spool.name])
-        try:
-            with open(spool, "wb+") as out:
-                enc = encode_chunk(fd, plan, self.opts.frame_size, self.codec, out, known=digests)
+        return self._encode_and_send(fd, plan, digests, targets, spool_dir, task)[0]
+
+    def _stream_chunk(
+        self, fd: int, plan: ChunkPlan, targets: list[_Target], spool_dir: Path, task: Any
+    ) -> tuple[ChunkMeta | None, ChunkDigests]:
+        meta, enc = self._encode_and_send(fd, plan, None, targets, spool_dir, task)
+        digests = ChunkDigests(enc.udigest, tuple((f.digest, f.zero) for f in enc.frames))
+        if enc.all_zero:
+            with self._lock:
+                self.stats.zero_chunks += 1
+            return None, digests
+        return meta, digests
+
+    def _encode_and_send(
+        self,
+        fd: int,
+        plan: ChunkPlan,
+        digests: ChunkDigests | None,
+        targets: list[_Target],
+        spool_dir: Path,
+        task: Any,
+    ) -> tuple[ChunkMeta, EncodedChunk]:
+        """Compress a chunk and send it where it is missing. With one registry as the
+        destination the compressed frames stream straight into the upload (compression and
+        sending overlap, nothing is spooled); otherwise they are spooled to a temp file once
+        and uploaded from it to each destination."""
+        media_type = chunk_media_type(self.codec.name)
+        fs = self.opts.frame_size
+        first = targets[0].end
+        streaming = isinstance(first, RegistryEnd) and all(
+            isinstance(t.end, RegistryEnd) and t.end.registry == first.registry for t in targets
+        )
+        if streaming:
+            assert isinstance(first, RegistryEnd)
+            streams: list[EncodeStream] = []
+
+            def produce() -> EncodeStream:
+                st = iter_encoded_chunk(
+                    fd, plan, fs, self.codec, known=digests, workers=FRAME_WORKERS
+                )
+                streams.append(st)
+                return st
+
+            digest, size = first.put_stream(produce)
+            enc = streams[-1].result
+            if (digest, size) != (enc.cdigest, enc.csize):  # pragma: no cover - a bug guard
+                raise UsageError(f"encoder and upload disagree on chunk at {plan.offset}")
             with self._lock:
                 self.stats.compressed_chunks += 1
-            meta = enc.meta
-            cat.put_chunk(
-                ChunkRow(
-                    meta.udigest,
-                    self.codec.name,
-                    self.opts.frame_size,
-                    media_type,
-                    meta.digest,
-                    meta.size,
-                    [[f.csize, f.digest.removeprefix("sha256:")] for f in meta.frames],
+                if not enc.all_zero:
+                    self.stats.uploaded_blobs += 1
+                    self.stats.uploaded_bytes += size
+            self._remember_chunk(enc, media_type)
+            for t in targets[1:]:  # same registry: mounts
+                self._ensure(t.end, enc.cdigest, enc.csize, None)
+            task.advance(plan.length)
+            return enc.meta, enc
+        # compress into a spool file (bounded memory), then upload from it
+        spool = spool_dir / f"push-{os.getpid()}-{threading.get_ident()}-{plan.offset}.layer"
+        self.store.catalog.lease_add(self._lease_id, "path", [spool.name])
+        try:
+            with open(spool, "wb+") as out:
+                enc = encode_chunk(
+                    fd, plan, fs, self.codec, out, known=digests, workers=FRAME_WORKERS
                 )
-            )
+            with self._lock:
+                self.stats.compressed_chunks += 1
+            self._remember_chunk(enc, media_type)
 
             def open_at(off: int) -> BinaryIO:
                 f = open(spool, "rb")  # noqa: SIM115 - the uploader closes it
                 f.seek(off)
                 return f
 
-            for t in targets:
-                self._ensure(t.end, meta.digest, meta.size, open_at)
+            if not enc.all_zero:
+                for t in targets:
+                    self._ensure(t.end, enc.cdigest, enc.csize, open_at)
             task.advance(plan.length)
-            return meta
+            return enc.meta, enc
         finally:
             spool.unlink(missing_ok=True)
+
+    def _remember_chunk(self, enc: EncodedChunk, media_type: str) -> None:
+        if enc.all_zero:
+            return
+        meta = enc.meta
+        self.store.catalog.put_chunk(
+            ChunkRow(
+                meta.udigest,
+                self.codec.name,
+                self.opts.frame_size,
+                media_type,
+                meta.digest,
+                meta.size,
+                [[f.csize, f.digest.removeprefix("sha256:")] for f in meta.frames],
+            )
+        )
+
+    def _worth_prehashing(self, vm: VM) -> bool:
+        """Hash before compressing only where chunks may already be known: a VM that came from a
+        registry, or whose disks were pushed before. A fresh local disk is encoded in one pass."""
+        if vm.config.source:
+            return True
+        cat = self.store.catalog
+        return any(
+            cat.query(
+                "SELECT 1 FROM file_states WHERE path = ? LIMIT 1", (str(vm.disk_path(d.name)),)
+            )
+            for d in vm.config.disks
+        )
 
     # -- unchanged-disk fast path ----------------------------------------------------------
     def _known_digests(
@@ -459,6 +568,17 @@ class Pusher:
                 continue
             blobs.append(Blob(FILE_MEDIA_TYPE, p.read_bytes(), {FILE_NAME_ANNOTATION: name}))
         return blobs
+
+
+def _has_data(fd: int, plan: ChunkPlan) -> bool:
+    return any(True for _ in data_extents(fd, plan.offset, plan.end))
+
+
+def _zero_digests(plan: ChunkPlan, frame_size: int) -> ChunkDigests:
+    frames = []
+    for off in range(0, plan.length, frame_size):
+        frames.append((zero_digest(min(frame_size, plan.length - off)), True))
+    return ChunkDigests(chunk_digest(d for d, _ in frames), tuple(frames))
 
 
 def _changed(a: os.stat_result, b: os.stat_result) -> bool:

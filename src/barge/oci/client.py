@@ -24,7 +24,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, BinaryIO, NoReturn
@@ -714,6 +714,162 @@ class RegistryClient:
                     ) from None
                 log.debug("upload %s: fresh session after %s", digest, type(cause).__name__)
                 time.sleep(self.retry.delay(session))
+
+    def upload_stream(
+        self,
+        repo: str,
+        produce: Callable[[], Iterable[bytes]],
+        *,
+        chunk_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[str, int]:
+        """Upload a blob while it is being produced (compressed): its digest and size are known
+        only at the end. Returns ``(digest, size)``.
+
+        With ``chunk_size`` None the bytes go in one streamed ``PATCH`` (chunked transfer
+        encoding), so producing and sending overlap and nothing is spooled; otherwise in
+        ``PATCH`` requests of ``chunk_size`` bytes (registries that cap PATCH bodies). Then
+        ``PUT ?digest=`` closes the session. A failure restarts a fresh session and calls
+        ``produce()`` again, so it must yield the same bytes each time (barge's encoder is
+        deterministic). ``progress(delta)`` as for :meth:`upload_blob`.
+        """
+        sent = 0
+
+        def report(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if progress is not None and n:
+                progress(n)
+
+        started = time.monotonic()
+        for session in range(UPLOAD_SESSIONS):
+            location, min_len = self._start_upload(repo)
+            try:
+                return self._upload_streamed(
+                    repo,
+                    produce,
+                    location,
+                    None if chunk_size is None else max(chunk_size, min_len, 1),
+                    report,
+                )
+            except _Restart as e:
+                cause = e.__cause__ or e
+                report(-sent)
+                last = session == UPLOAD_SESSIONS - 1
+                if last or time.monotonic() - started > self.retry.total:
+                    if isinstance(cause, RegistryError):
+                        raise cause from None
+                    raise RegistryUnreachable(
+                        f"cannot upload a blob to {self.registry}/{repo}: "
+                        f"upload kept failing ({type(cause).__name__})"
+                    ) from None
+                log.debug("streamed upload: fresh session after %s", type(cause).__name__)
+                time.sleep(self.retry.delay(session))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _upload_streamed(
+        self,
+        repo: str,
+        produce: Callable[[], Iterable[bytes]],
+        location: str,
+        chunk: int | None,
+        report: Callable[[int], None],
+    ) -> tuple[str, int]:
+        h = hashlib.sha256()
+        size = 0
+        what = f"upload a blob to {repo}"
+
+        def patch(body: Callable[[], Any], headers: dict[str, str]) -> None:
+            nonlocal location
+            try:
+                r = self._request(
+                    "PATCH",
+                    location,
+                    scopes=self._push(repo),
+                    ok=(202, 204),
+                    headers={"Content-Type": "application/octet-stream", **headers},
+                    body=body,
+                    kind="upload",
+                    what=what,
+                    retry=False,
+                    max_body=MAX_ERROR_BODY,
+                )
+            except RegistryUnreachable as e:
+                raise _Restart() from e
+            except RegistryResponseError as e:
+                if e.status in RETRY_STATUS or isinstance(e, BlobUploadUnknown):
+                    raise _Restart() from e
+                raise
+            loc = r.headers.get("Location")
+            if loc:
+                location = self._transport.resolve(loc)
+
+        if chunk is None:
+            started = [False]
+
+            def stream() -> Any:
+                if started[0]:  # a replay (auth retry) would need the bytes again
+                    raise _Restart()
+                started[0] = True
+
+                def gen() -> Iterator[bytes]:
+                    nonlocal size
+                    for piece in produce():
+                        if piece:
+                            h.update(piece)
+                            size += len(piece)
+                            report(len(piece))
+                            yield piece
+
+                return gen()
+
+            patch(stream, {})
+        else:
+            buf = bytearray()
+            offset = 0
+
+            def flush(data: bytes) -> None:
+                nonlocal offset
+                end = offset + len(data) - 1
+                patch(
+                    lambda: data,
+                    {"Content-Range": f"{offset}-{end}", "Content-Length": str(len(data))},
+                )
+                offset += len(data)
+                report(len(data))
+
+            for piece in produce():
+                if not piece:
+                    continue
+                h.update(piece)
+                size += len(piece)
+                buf += piece
+                while len(buf) >= chunk:
+                    flush(bytes(buf[:chunk]))
+                    del buf[:chunk]
+            if buf:
+                flush(bytes(buf))
+        digest = "sha256:" + h.hexdigest()
+        try:
+            self._request(
+                "PUT",
+                self._with_digest(location, digest),
+                scopes=self._push(repo),
+                ok=(201, 204),
+                headers={"Content-Length": "0"},
+                body=lambda: b"",
+                kind="upload",
+                what=f"finish upload of {digest} to {repo}",
+                retry=False,
+                max_body=MAX_ERROR_BODY,
+            )
+        except RegistryUnreachable as e:
+            raise _Restart() from e
+        except RegistryResponseError as e:
+            if e.status in RETRY_STATUS or isinstance(e, BlobUploadUnknown):
+                raise _Restart() from e
+            raise
+        return digest, size
 
     def _exists_quietly(self, repo: str, digest: str) -> int | None:
         try:
