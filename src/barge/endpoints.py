@@ -81,10 +81,15 @@ class RegistryEnd:
         self,
         produce: Callable[[], Iterable[bytes]],
         progress: Callable[[int], None] | None = None,
+        before_commit: Callable[[str, int], None] | None = None,
     ) -> tuple[str, int]:
         """Upload a blob while it is produced; returns its (digest, size)."""
         digest, size = self.client.upload_stream(
-            self.repo, produce, chunk_size=self.upload_chunk_size, progress=progress
+            self.repo,
+            produce,
+            chunk_size=self.upload_chunk_size,
+            progress=progress,
+            before_commit=before_commit,
         )
         self.store.catalog.add_blob_location(digest, self.registry, self.repo)
         return digest, size

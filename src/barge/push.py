@@ -274,14 +274,12 @@ class Pusher:
         total = sum(p.length for p in plans)
         task = self.reporter.task(f"pushing {vm.name}", total)
         known = self._known_digests(vm, chunk_size, fs)
-        prehash = self._worth_prehashing(vm)
+        prehash = self._worth_prehashing()
         spool = self.store.tmp_dir
         self._lease_id = lease_id
 
         fds = {name: os.open(vm.disk_path(name), os.O_RDONLY) for name in disks}
         stats_before = {name: os.fstat(fd) for name, fd in fds.items()}
-        for name, st in stats_before.items():  # a later (or resumed) push hashes first
-            self.store.catalog.mark_seen(str(vm.disk_path(name)), st)
         metas: list[ChunkMeta] = []
         digests_by_disk: dict[str, list[list[Any]]] = {name: [] for name in disks}
         try:
@@ -292,8 +290,8 @@ class Pusher:
                 if kd is None and not prehash and not _has_data(fd, plan):
                     kd = _zero_digests(plan, fs)  # holes only: nothing to read or hash
                 if kd is None and not prehash:
-                    # a disk never pushed or pulled: no chunk of it can be known, so encode
-                    # and upload in one pass instead of hashing first
+                    # nothing is known yet, so no lookup can hit: encode and upload in one
+                    # pass instead of hashing first
                     meta, digests = self._stream_chunk(fd, plan, targets, spool, task)
                     with self._lock:
                         self.stats.hashed_bytes += plan.length
@@ -453,7 +451,10 @@ class Pusher:
                 streams.append(st)
                 return st
 
-            digest, size = first.put_stream(produce)
+            def record(digest: str, size: int) -> None:  # before the blob exists
+                self._remember_chunk(streams[-1].result, media_type)
+
+            digest, size = first.put_stream(produce, before_commit=record)
             enc = streams[-1].result
             if (digest, size) != (enc.cdigest, enc.csize):  # pragma: no cover - a bug guard
                 raise UsageError(f"encoder and upload disagree on chunk at {plan.offset}")
@@ -462,7 +463,6 @@ class Pusher:
                 if not enc.all_zero:
                     self.stats.uploaded_blobs += 1
                     self.stats.uploaded_bytes += size
-            self._remember_chunk(enc, media_type)
             for t in targets[1:]:  # same registry: mounts
                 self._ensure(t.end, enc.cdigest, enc.csize, None)
             task.advance(plan.length)
@@ -508,18 +508,11 @@ class Pusher:
             )
         )
 
-    def _worth_prehashing(self, vm: VM) -> bool:
-        """Hash before compressing only where chunks may already be known: a VM that came from a
-        registry, or whose disks were pushed before. A fresh local disk is encoded in one pass."""
-        if vm.config.source:
-            return True
-        cat = self.store.catalog
-        return any(
-            cat.query(
-                "SELECT 1 FROM file_states WHERE path = ? LIMIT 1", (str(vm.disk_path(d.name)),)
-            )
-            for d in vm.config.disks
-        )
+    def _worth_prehashing(self) -> bool:
+        """Hash a chunk before compressing it only when the lookup can hit: when the chunk index
+        knows any chunk at all. On a store that never pushed or pulled anything, every chunk is
+        encoded and uploaded in one streaming pass (the frame digests come out of it)."""
+        return bool(self.store.catalog.query("SELECT 1 FROM chunks LIMIT 1"))
 
     # -- unchanged-disk fast path ----------------------------------------------------------
     def _known_digests(

@@ -722,9 +722,12 @@ class RegistryClient:
         *,
         chunk_size: int | None = None,
         progress: Callable[[int], None] | None = None,
+        before_commit: Callable[[str, int], None] | None = None,
     ) -> tuple[str, int]:
         """Upload a blob while it is being produced (compressed): its digest and size are known
-        only at the end. Returns ``(digest, size)``.
+        only at the end. Returns ``(digest, size)``. ``before_commit(digest, size)`` runs once
+        all bytes are sent, before the ``PUT`` that makes the blob exist, so a caller can record
+        what it is about to create (a process killed after the PUT then still knows it).
 
         With ``chunk_size`` None the bytes go in one streamed ``PATCH`` (chunked transfer
         encoding), so producing and sending overlap and nothing is spooled; otherwise in
@@ -751,6 +754,7 @@ class RegistryClient:
                     location,
                     None if chunk_size is None else max(chunk_size, min_len, 1),
                     report,
+                    before_commit,
                 )
             except _Restart as e:
                 cause = e.__cause__ or e
@@ -774,6 +778,7 @@ class RegistryClient:
         location: str,
         chunk: int | None,
         report: Callable[[int], None],
+        before_commit: Callable[[str, int], None] | None,
     ) -> tuple[str, int]:
         h = hashlib.sha256()
         size = 0
@@ -850,6 +855,8 @@ class RegistryClient:
             if buf:
                 flush(bytes(buf))
         digest = "sha256:" + h.hexdigest()
+        if before_commit is not None:
+            before_commit(digest, size)
         try:
             self._request(
                 "PUT",

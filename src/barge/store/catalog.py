@@ -357,16 +357,6 @@ class Catalog:
                 ),
             )
 
-    def mark_seen(self, path: str, st: os.stat_result) -> None:
-        """Remember that a file was pushed or pulled (whatever its state now): later pushes
-        of it may find known chunks, so they hash before compressing."""
-        with self.tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO file_states(path, key, dev, ino, size, mtime_ns, ctime_ns,"
-                " value) VALUES (?, 'seen', ?, ?, ?, ?, ?, '')",
-                (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
-            )
-
     def forget_file_states(self, path_prefix: str) -> None:
         with self.tx() as db:
             db.execute(
