@@ -8,7 +8,7 @@ import threading
 import pytest
 import zstandard
 
-from barge.disk.codec import Codec, parse_codec
+from barge.disk.codec import DEFAULT_ZSTD_LEVEL, Codec, parse_codec
 from barge.errors import IntegrityError, UsageError
 
 SPECS = ["zstd", "zstd:1", "zstd:3", "lz4", "none"]
@@ -21,7 +21,8 @@ def sample(n: int = 1 << 20) -> bytes:
 @pytest.mark.parametrize(
     ("spec", "name", "level", "suffix"),
     [
-        ("zstd", "zstd", 3, "+zstd"),
+        ("zstd", "zstd", 1, "+zstd"),
+        ("zstd:3", "zstd", 3, "+zstd"),
         ("zstd:1", "zstd", 1, "+zstd"),
         ("ZSTD:19", "zstd", 19, "+zstd"),
         ("lz4", "lz4", 0, "+lz4"),
@@ -144,6 +145,6 @@ def test_threads_share_a_codec() -> None:
 
 
 def test_codec_identity() -> None:
-    assert Codec("zstd", 3) == parse_codec("zstd")
+    assert Codec("zstd", DEFAULT_ZSTD_LEVEL) == parse_codec("zstd")
     assert hash(Codec("lz4")) == hash(parse_codec("lz4:0"))
     assert repr(parse_codec("none")) == "Codec('none')"

@@ -14,6 +14,7 @@ The chunk size is decided before any upload, from the registry's layer cap.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -445,18 +446,22 @@ class Pusher:
             streams: list[EncodeStream] = []
 
             def produce() -> EncodeStream:
+                # the upload hashes the layer: the encoder need not
                 st = iter_encoded_chunk(
-                    fd, plan, fs, self.codec, known=digests, workers=FRAME_WORKERS
+                    fd, plan, fs, self.codec, known=digests, workers=FRAME_WORKERS, hash_layer=False
                 )
                 streams.append(st)
                 return st
 
+            def result(digest: str) -> EncodedChunk:
+                return dataclasses.replace(streams[-1].result, cdigest=digest)
+
             def record(digest: str, size: int) -> None:  # before the blob exists
-                self._remember_chunk(streams[-1].result, media_type)
+                self._remember_chunk(result(digest), media_type)
 
             digest, size = first.put_stream(produce, before_commit=record)
-            enc = streams[-1].result
-            if (digest, size) != (enc.cdigest, enc.csize):  # pragma: no cover - a bug guard
+            enc = result(digest)
+            if size != enc.csize:  # pragma: no cover - a bug guard
                 raise UsageError(f"encoder and upload disagree on chunk at {plan.offset}")
             with self._lock:
                 self.stats.compressed_chunks += 1

@@ -191,11 +191,14 @@ def iter_encoded_chunk(
     known: ChunkDigests | None = None,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    hash_layer: bool = True,
 ) -> EncodeStream:
     """The streaming form of :func:`encode_chunk`: iterate it for the compressed frames (one
-    ``bytes`` per non-zero frame, in order), then read ``.result``."""
+    ``bytes`` per non-zero frame, in order), then read ``.result``. With ``hash_layer=False``
+    the layer is not hashed and ``result.cdigest`` is empty: for a consumer that hashes what
+    it receives anyway (a streamed upload), so the compressed bytes are hashed once."""
     _check_frame_size(frame_size)
-    return EncodeStream(fd, plan, frame_size, codec, known, workers, progress)
+    return EncodeStream(fd, plan, frame_size, codec, known, workers, progress, hash_layer)
 
 
 class EncodeStream:
@@ -210,7 +213,9 @@ class EncodeStream:
         known: ChunkDigests | None,
         workers: int,
         progress: Callable[[int], None] | None = None,
+        hash_layer: bool = True,
     ) -> None:
+        self._hash_layer = hash_layer
         self._progress = progress
         self._fd = fd
         self._plan = plan
@@ -240,7 +245,8 @@ class EncodeStream:
             raise UsageError(
                 f"known digests list {len(known.frames)} frames, the chunk has {reader.count}"
             )
-        layer_hash = hashlib.sha256()
+        # a caller that streams the layer into an upload that hashes it anyway says so
+        layer_hash = hashlib.sha256() if self._hash_layer else None
         frames: list[FrameInfo] = []
         coff = 0
         pool = ThreadPoolExecutor(self._workers) if self._workers > 1 else None
@@ -262,7 +268,8 @@ class EncodeStream:
                 return None
             frames.append(FrameInfo(uoff, n, coff, len(data), digest, False))
             coff += len(data)
-            layer_hash.update(data)
+            if layer_hash is not None:
+                layer_hash.update(data)
             return data
 
         try:
@@ -305,7 +312,7 @@ class EncodeStream:
         self._result = EncodedChunk(
             plan=plan,
             udigest=udigest,
-            cdigest="sha256:" + layer_hash.hexdigest(),
+            cdigest="sha256:" + layer_hash.hexdigest() if layer_hash is not None else "",
             csize=coff,
             frames=tuple(frames),
             codec=codec.name,
