@@ -589,3 +589,51 @@ def test_skopeo_reads_barge_archive(tmp_path: Path) -> None:
     assert skopeo(tmp_path, "inspect", "--raw", f"oci-archive:{path}:t") == manifest
     skopeo(tmp_path, "copy", "-q", f"oci-archive:{path}:t", f"oci:{tmp_path / 'out'}:t")
     assert OCILayout(tmp_path / "out").get_manifest("t")[0] == manifest
+
+
+def test_archive_blobs_read_concurrently(tmp_path: Path) -> None:
+    """Several threads read different blobs of one archive at once (a pull decodes chunks in
+    parallel): each stream must see only its own member's bytes."""
+    import threading
+
+    from barge.oci.layout import OCIArchiveReader, OCIArchiveWriter
+
+    blobs = [os.urandom(3 << 20) for _ in range(6)]
+    archive = tmp_path / "a.tar"
+    with open(archive, "wb") as f:
+        w = OCIArchiveWriter(f)
+        digests = [w.add_blob_bytes(b) for b in blobs]
+        cfg = w.add_blob_bytes(b"{}")
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": cfg,
+                    "size": 2,
+                },
+                "layers": [],
+            }
+        ).encode()
+        w.add_manifest(manifest, "application/vnd.oci.image.manifest.v1+json", "t")
+        w.finish()
+    reader = OCIArchiveReader(archive)
+    errors: list[str] = []
+
+    def read(i: int) -> None:
+        for _ in range(3):
+            with reader.open_blob(digests[i]) as s:
+                got = bytearray()
+                while piece := s.read(64 << 10):
+                    got += piece
+            if bytes(got) != blobs[i]:
+                errors.append(f"blob {i} came back wrong")
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(blobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    reader.close()
+    assert not errors

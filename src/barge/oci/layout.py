@@ -761,6 +761,35 @@ def _member_name(name: str, where: str) -> str:
     return "/".join(parts)
 
 
+class _MemberStream(io.RawIOBase):
+    """``size`` bytes of an underlying stream (one tar member), with its own file handle."""
+
+    def __init__(self, f: IO[bytes], size: int, also_close: Any = None) -> None:
+        super().__init__()
+        self._f = f
+        self._left = size
+        self._also = also_close
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._left <= 0:
+            return 0
+        mv = memoryview(b).cast("B")[: self._left]
+        n = self._f.readinto(mv)  # type: ignore[attr-defined]
+        n = int(n or 0)
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+            if self._also is not None:
+                self._also.close()
+        super().close()
+
+
 class OCIArchiveReader(_LayoutReader):
     """Read an OCI layout from a tar archive (``oci-archive:FILE``), uncompressed or
     gzip/bzip2/xz compressed. Use as a context manager or call :meth:`close`."""
@@ -820,14 +849,29 @@ class OCIArchiveReader(_LayoutReader):
         return m.size
 
     def _open_raw(self, digest: str) -> IO[bytes]:
+        """A stream of one blob, independent of every other open stream, so that several
+        threads can read blobs at once (one shared tar file object would interleave their
+        seeks). An uncompressed archive gets its own file handle positioned at the member's
+        data; a compressed one its own tarfile."""
         m = self._members.get(_blob_relpath(digest))
         if m is None:
             raise NotFoundError(f"blob {digest} is not in {self.location}")
         if not m.isreg():
             raise IntegrityError(f"blob {digest} in {self.location} is not a regular file")
-        f = self._tar.extractfile(m)
-        assert f is not None
-        return f
+        if (
+            self._tar.mode == "r"
+            and not m.issparse()
+            and isinstance(getattr(self._tar, "fileobj", None), io.BufferedReader)
+        ):
+            raw = open(self.path, "rb")  # noqa: SIM115 - closed by the returned stream
+            raw.seek(m.offset_data)
+            return cast(IO[bytes], _MemberStream(raw, m.size))
+        tar = tarfile.open(self.path, mode="r:*")  # noqa: SIM115 - closed with the stream
+        f = tar.extractfile(m.name)
+        if f is None:
+            tar.close()
+            raise IntegrityError(f"blob {digest} in {self.location} cannot be read")
+        return cast(IO[bytes], _MemberStream(f, m.size, also_close=tar))
 
     def close(self) -> None:
         self._tar.close()
