@@ -34,7 +34,13 @@ from typing import Any, BinaryIO
 
 from barge.disk import applelz4, lz4frame
 from barge.disk.codec import Codec
-from barge.disk.decoder import DecodeBuffers, decode_chunk, decode_frame, write_zero_aware
+from barge.disk.decoder import (
+    DecodeBuffers,
+    DiskWriter,
+    decode_chunk,
+    decode_frame,
+    write_zero_aware,
+)
 from barge.disk.index import ChunkMeta, FrameIndex, FrameRef
 from barge.disk.sparse import allocated_bytes, clone_file, data_extents, punch_hole
 from barge.endpoints import End, LayoutEnd, RegistryEnd, parse_location
@@ -284,7 +290,7 @@ class Puller:
         work = self._plan_fetch(index, have)
         total = sum(sum(m.frames[i].usize for i in need) for m, need, _ in work)
         task = self.reporter.task("pulling", total)
-        fds = {n: os.open(staging / n, os.O_RDWR) for n in disks}
+        writers = {n: DiskWriter(staging / n) for n in disks}
         local = (
             _LocalFrames(base_dir, base_index)
             if base_dir is not None and base_index is not None
@@ -298,17 +304,17 @@ class Puller:
                 bufs = getattr(tls, "bufs", None)
                 if bufs is None or not bufs.fits(meta.frame_size):
                     bufs = tls.bufs = DecodeBuffers(meta.frame_size)
-                self._fetch_chunk(end, fds[meta.disk], meta, frames, whole, bufs, local, task)
+                self._fetch_chunk(end, writers[meta.disk], meta, frames, whole, bufs, local, task)
 
             with ThreadPoolExecutor(
                 max(1, self.opts.concurrency), thread_name_prefix="pull"
             ) as pool:
                 list(pool.map(run, work))
-            for fd in fds.values():
-                os.fsync(fd)
+            for w in writers.values():
+                w.fsync()
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            for w in writers.values():
+                w.close()
         src = dict(source)
         cfg.source = src
         (staging / "config.json").write_bytes(cfg.to_bytes())
@@ -409,7 +415,7 @@ class Puller:
     def _fetch_chunk(
         self,
         end: End,
-        fd: int,
+        out: DiskWriter,
         meta: ChunkMeta,
         need: list[int],
         whole: bool,
@@ -418,12 +424,12 @@ class Puller:
         task: Any,
     ) -> None:
         if whole:
-            if _has_data(fd, meta.offset, meta.length):
-                _clear(fd, meta.offset, meta.length)
+            if _has_data(out.fd, meta.offset, meta.length):
+                _clear(out.fd, meta.offset, meta.length)
             with end.open_blob(meta.digest) as src:
                 decode_chunk(
                     src,
-                    fd,
+                    out,
                     meta,
                     buffers=bufs,
                     verify_layer=not isinstance(end, RegistryEnd),
@@ -436,13 +442,13 @@ class Puller:
         for i in need:
             f = meta.frames[i]
             off = meta.offset + f.uoffset
-            _clear(fd, off, f.usize)
+            _clear(out.fd, off, f.usize)
             if f.zero:
                 task.advance(f.usize)
                 continue
             data = local.read(f.digest, f.usize) if local is not None else None
             if data is not None:
-                write_zero_aware(fd, off, data)
+                write_zero_aware(out, off, data)
                 self._count(reused_bytes=f.usize)
                 task.advance(f.usize)
                 continue
@@ -457,7 +463,7 @@ class Puller:
                     cv = memoryview(bufs.cbuf)[: f.csize]
                     _read_exact(src, cv, meta.digest)
                     data = decode_frame(cv, f, codec)
-                    write_zero_aware(fd, meta.offset + f.uoffset, data)
+                    write_zero_aware(out, meta.offset + f.uoffset, data)
                     task.advance(f.usize)
 
     def _index_chunks(self, index: FrameIndex) -> None:

@@ -12,6 +12,7 @@ before decoding anything: it rejects hostile offsets, sizes and frame lists.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -28,6 +29,7 @@ __all__ = [
     "decode_frame",
     "validate_layout",
     "write_zero_aware",
+    "DiskWriter",
 ]
 
 BLOCK = 4096
@@ -40,7 +42,10 @@ class DecodeBuffers:
 
     def __init__(self, frame_size: int) -> None:
         self.frame_size = frame_size
-        self.ubuf = bytearray(frame_size)
+        # the decoded frame lives at a 4 KiB-aligned address inside ``ubuf`` (from ``ubase``)
+        # so that a :class:`DiskWriter` can hand its blocks to O_DIRECT writes
+        self.ubuf = bytearray(frame_size + BLOCK)
+        self.ubase = (-_address(self.ubuf)) % BLOCK
         self.cbuf = bytearray(
             max(Codec(n).max_compressed_size(frame_size) for n in ("zstd", "lz4"))
         )
@@ -52,7 +57,7 @@ class DecodeBuffers:
 
 def decode_chunk(
     src: BinaryIO,
-    fd_out: int,
+    fd_out: int | DiskWriter,
     meta: ChunkMeta,
     codec: Codec | None = None,
     *,
@@ -80,7 +85,8 @@ def decode_chunk(
     if buffers is None or not buffers.fits(meta.frame_size):
         buffers = DecodeBuffers(meta.frame_size)
     cview = memoryview(buffers.cbuf)
-    uview = memoryview(buffers.ubuf)
+    ubase = buffers.ubase
+    uview = memoryview(buffers.ubuf)[ubase : ubase + buffers.frame_size]
     layer_hash = hashlib.sha256() if verify_layer else None
     for i, f in enumerate(meta.frames):
         n = f.usize
@@ -107,7 +113,7 @@ def decode_chunk(
                 )
             off = meta.offset + f.uoffset
             if sparse:
-                _write_zero_aware(fd_out, off, buffers.ubuf, n)
+                _write_zero_aware(fd_out, off, buffers.ubuf, n, ubase)
             else:
                 _pwrite_all(fd_out, uv, off)
         if progress is not None:
@@ -150,7 +156,7 @@ def decode_frame(data: bytes | bytearray | memoryview, frame: FrameInfo, codec: 
     return bytes(out)
 
 
-def write_zero_aware(fd: int, off: int, data: bytes | bytearray | memoryview) -> int:
+def write_zero_aware(fd: int | DiskWriter, off: int, data: bytes | bytearray | memoryview) -> int:
     """``pwrite`` ``data`` at ``off`` except its all-zero 4 KiB blocks, which are left as holes
     (the target range must already read as zeros, e.g. a freshly ftruncate'd file).
     Returns the number of bytes actually written."""
@@ -158,21 +164,24 @@ def write_zero_aware(fd: int, off: int, data: bytes | bytearray | memoryview) ->
     return _write_zero_aware(fd, off, buf, len(buf))
 
 
-def _write_zero_aware(fd: int, off: int, buf: bytes | bytearray, n: int) -> int:
+def _write_zero_aware(
+    fd: int | DiskWriter, off: int, buf: bytes | bytearray, n: int, base: int = 0
+) -> int:
+    """Write ``buf[base : base + n]`` at ``off``, skipping all-zero 4 KiB blocks."""
     zero_block = _ZERO_BLOCK
     sw = buf.startswith
-    if n and sw(_zeros_view(n), 0, n):
+    if n and sw(_zeros_view(n), base, base + n):
         return 0
-    view = memoryview(buf)
+    view = memoryview(buf)[base : base + n]
     written = 0
     run_start = -1
     pos = 0
     while pos < n:
         end = min(pos + BLOCK, n)
         if end - pos == BLOCK:
-            is_zero = sw(zero_block, pos, end)
+            is_zero = sw(zero_block, base + pos, base + end)
         else:
-            is_zero = sw(zero_block[: end - pos], pos, end)
+            is_zero = sw(zero_block[: end - pos], base + pos, base + end)
         if is_zero:
             if run_start >= 0:
                 written += _pwrite_all(fd, view[run_start:pos], off + run_start)
@@ -200,11 +209,66 @@ def _zeros_view(n: int) -> memoryview:
     return z[:n]
 
 
-def _pwrite_all(fd: int, view: memoryview, off: int) -> int:
+def _address(buf: bytearray | memoryview) -> int:
+    """The memory address of a writable buffer."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+class DiskWriter:
+    """Writes decoded data into a disk file, through O_DIRECT wherever the range and the buffer
+    are 4 KiB-aligned (whole frames of a pull), and through the page cache otherwise.
+
+    On the VMs barge is measured on, a buffered write of new data costs the kernel about three
+    times what O_DIRECT does (page-cache allocation: ``dd`` wrote 245 MB/s buffered and
+    800 MB/s direct), and a pull writes every byte of the disk once. Filesystems without
+    O_DIRECT (tmpfs) simply get buffered writes."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+        try:
+            self.dfd = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+        except OSError:
+            self.dfd = -1
+        if not getattr(os, "O_DIRECT", 0):
+            self._close_direct()
+
+    def _close_direct(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+        self.dfd = -1
+
+    def pwrite(self, view: memoryview, off: int) -> int:
+        if (
+            self.dfd >= 0
+            and off % BLOCK == 0
+            and len(view) % BLOCK == 0
+            and not view.readonly
+            and _address(view) % BLOCK == 0
+        ):
+            try:
+                return os.pwrite(self.dfd, view, off)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._close_direct()  # the filesystem refuses it after all
+        return os.pwrite(self.fd, view, off)
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        self._close_direct()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pwrite_all(fd: int | DiskWriter, view: memoryview, off: int) -> int:
+    write = fd.pwrite if isinstance(fd, DiskWriter) else lambda v, o: os.pwrite(fd, v, o)
     done = 0
     while done < len(view):
         try:
-            done += os.pwrite(fd, view[done:], off + done)
+            done += write(view[done:], off + done)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpaceError(f"no space left writing the disk at offset {off}") from exc

@@ -786,25 +786,15 @@ class RegistryClient:
 
         def patch(body: Callable[[], Any], headers: dict[str, str]) -> None:
             nonlocal location
-            try:
-                r = self._request(
-                    "PATCH",
-                    location,
-                    scopes=self._push(repo),
-                    ok=(202, 204),
-                    headers={"Content-Type": "application/octet-stream", **headers},
-                    body=body,
-                    kind="upload",
-                    what=what,
-                    retry=False,
-                    max_body=MAX_ERROR_BODY,
-                )
-            except RegistryUnreachable as e:
-                raise _Restart() from e
-            except RegistryResponseError as e:
-                if e.status in RETRY_STATUS or isinstance(e, BlobUploadUnknown):
-                    raise _Restart() from e
-                raise
+            r = self._upload_step(
+                "PATCH",
+                location,
+                repo,
+                headers={"Content-Type": "application/octet-stream", **headers},
+                body=body,
+                what=what,
+                ok=(202, 204),
+            )
             loc = r.headers.get("Location")
             if loc:
                 location = self._transport.resolve(loc)
@@ -857,16 +847,39 @@ class RegistryClient:
         digest = "sha256:" + h.hexdigest()
         if before_commit is not None:
             before_commit(digest, size)
+        self._upload_step(
+            "PUT",
+            self._with_digest(location, digest),
+            repo,
+            headers={"Content-Length": "0"},
+            body=lambda: b"",
+            what=f"finish upload of {digest} to {repo}",
+        )
+        return digest, size
+
+    def _upload_step(
+        self,
+        method: str,
+        url: str,
+        repo: str,
+        *,
+        headers: dict[str, str],
+        body: Callable[[], Any],
+        what: str,
+        ok: tuple[int, ...] = (201, 204),
+    ) -> _Response:
+        """One request of an upload session, not retried on its own: a lost connection, a
+        retryable status or a vanished session means the session restarts (_Restart)."""
         try:
-            self._request(
-                "PUT",
-                self._with_digest(location, digest),
+            return self._request(
+                method,
+                url,
                 scopes=self._push(repo),
-                ok=(201, 204),
-                headers={"Content-Length": "0"},
-                body=lambda: b"",
+                ok=ok,
+                headers=headers,
+                body=body,
                 kind="upload",
-                what=f"finish upload of {digest} to {repo}",
+                what=what,
                 retry=False,
                 max_body=MAX_ERROR_BODY,
             )
@@ -876,7 +889,6 @@ class RegistryClient:
             if e.status in RETRY_STATUS or isinstance(e, BlobUploadUnknown):
                 raise _Restart() from e
             raise
-        return digest, size
 
     def _exists_quietly(self, repo: str, digest: str) -> int | None:
         try:
@@ -912,24 +924,14 @@ class RegistryClient:
             return lr
 
         try:
-            self._request(
+            self._upload_step(
                 "PUT",
                 self._with_digest(location, digest),
-                scopes=self._push(repo),
-                ok=(201, 204),
+                repo,
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
                 body=body,
-                kind="upload",
                 what=f"upload blob {digest} to {repo}",
-                retry=False,
-                max_body=MAX_ERROR_BODY,
             )
-        except RegistryUnreachable as e:
-            raise _Restart() from e
-        except RegistryResponseError as e:
-            if e.status in RETRY_STATUS or isinstance(e, BlobUploadUnknown):
-                raise _Restart() from e
-            raise
         finally:
             for s in streams:
                 s.close()
@@ -1017,25 +1019,14 @@ class RegistryClient:
                 location = self._transport.resolve(loc)
             offset += n
             confirmed_sent = offset
-        try:
-            self._request(
-                "PUT",
-                self._with_digest(location, digest),
-                scopes=self._push(repo),
-                ok=(201, 204),
-                headers={"Content-Length": "0"},
-                body=lambda: b"",
-                kind="upload",
-                what=f"finish upload of {digest} to {repo}",
-                retry=False,
-                max_body=MAX_ERROR_BODY,
-            )
-        except RegistryUnreachable as e:
-            raise _Restart() from e
-        except RegistryResponseError as e:
-            if e.status in RETRY_STATUS or isinstance(e, BlobUploadUnknown):
-                raise _Restart() from e
-            raise
+        self._upload_step(
+            "PUT",
+            self._with_digest(location, digest),
+            repo,
+            headers={"Content-Length": "0"},
+            body=lambda: b"",
+            what=f"finish upload of {digest} to {repo}",
+        )
 
     # -- manifests --------------------------------------------------------------------------
     def get_manifest(self, repo: str, reference: str) -> Manifest:
