@@ -444,11 +444,26 @@ class Pusher:
         if streaming:
             assert isinstance(first, RegistryEnd)
             streams: list[EncodeStream] = []
+            advanced = [0]  # progress of this chunk, undone if the upload restarts
+
+            def on_frame(n: int) -> None:
+                advanced[0] += n
+                task.advance(n)
 
             def produce() -> EncodeStream:
+                if advanced[0]:
+                    task.advance(-advanced[0])
+                    advanced[0] = 0
                 # the upload hashes the layer: the encoder need not
                 st = iter_encoded_chunk(
-                    fd, plan, fs, self.codec, known=digests, workers=FRAME_WORKERS, hash_layer=False
+                    fd,
+                    plan,
+                    fs,
+                    self.codec,
+                    known=digests,
+                    workers=FRAME_WORKERS,
+                    progress=on_frame,
+                    hash_layer=False,
                 )
                 streams.append(st)
                 return st
@@ -470,7 +485,6 @@ class Pusher:
                     self.stats.uploaded_bytes += size
             for t in targets[1:]:  # same registry: mounts
                 self._ensure(t.end, enc.cdigest, enc.csize, None)
-            task.advance(plan.length)
             return enc.meta, enc
         # compress into a spool file (bounded memory), then upload from it
         spool = spool_dir / f"push-{os.getpid()}-{threading.get_ident()}-{plan.offset}.layer"
@@ -478,7 +492,14 @@ class Pusher:
         try:
             with open(spool, "wb+") as out:
                 enc = encode_chunk(
-                    fd, plan, fs, self.codec, out, known=digests, workers=FRAME_WORKERS
+                    fd,
+                    plan,
+                    fs,
+                    self.codec,
+                    out,
+                    known=digests,
+                    workers=FRAME_WORKERS,
+                    progress=task.advance,
                 )
             with self._lock:
                 self.stats.compressed_chunks += 1
@@ -492,7 +513,6 @@ class Pusher:
             if not enc.all_zero:
                 for t in targets:
                     self._ensure(t.end, enc.cdigest, enc.csize, open_at)
-            task.advance(plan.length)
             return enc.meta, enc
         finally:
             spool.unlink(missing_ok=True)
