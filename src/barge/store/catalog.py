@@ -138,7 +138,10 @@ class Catalog:
         self.path = path
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn().executescript(_SCHEMA)
+        conn = self._conn()
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA)
         with self.tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
@@ -149,19 +152,31 @@ class Catalog:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
+            # the busy timeout first, so that nothing below meets a lock without waiting;
+            # WAL mode is a property of the database file, set once by __init__
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn
         return conn
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE), committed on success."""
+        """A write transaction (BEGIN IMMEDIATE), committed on success.
+
+        SQLite answers "database is locked" at once, without its busy handler, in a few WAL
+        corner cases (another connection recovering or checkpointing the WAL): those are retried
+        here, bounded, before giving up."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        for attempt in range(50):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or attempt == 49:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
         try:
             yield conn
         except BaseException:
