@@ -269,3 +269,29 @@ def test_tart_origin_vm_converted_to_barge_format(
     assert back.layers == 3  # one 512 MiB chunk: the cut of the barge image is not Tart's
     doc2 = fetch_manifest(registry, "tart/back", "v1")
     assert tart_disk_by_order(registry, "tart/back", doc2) == disk
+
+
+def test_tart_push_after_barge_push_of_an_unchanged_disk(
+    vm: tuple[Store, bytes], registry: RunningRegistry
+) -> None:
+    """The unchanged-disk cache remembers barge's hash-list chunk digests; a Tart push of the
+    same disk must not take them for Tart's plain content digests."""
+    import time
+
+    store, disk = vm
+    time.sleep(2.1)  # older than the "racy clean" window: the push records the disk's state
+    push(
+        store,
+        "vm",
+        [f"{registry.host}/mix/vm:barge"],
+        PushOptions(chunk_size=1 * MiB, frame_size=1 * MiB),
+    )
+    push(store, "vm", [f"{registry.host}/mix/vm:tart"], TART_1M)
+    doc = fetch_manifest(registry, "mix/vm", "tart")
+    for layer in doc["layers"]:
+        if layer["mediaType"] == TART_DISK:
+            data = apple_lz4_decode(blob(registry, "mix/vm", layer["digest"]))
+            ann = layer["annotations"]["org.cirruslabs.tart.uncompressed-content-digest"]
+            assert ann == sha(data)
+    pulled = pull(Store(store.home.parent / "mix-home"), f"{registry.host}/mix/vm:tart")
+    assert (pulled.path / "disk.img").read_bytes() == disk

@@ -70,7 +70,9 @@ from barge.progress import NullReporter, Reporter
 from barge.store import VM, Store
 from barge.store.catalog import ChunkRow
 
-FILE_STATE_KEY = "chunks:v2:{chunk}:{frame}"  # v2: hash-list chunk digests
+# what the file-state cache remembers per disk: chunk digests of one kind ("list": barge's
+# hash-list digests; "content": plain sha256 of the chunk, as Tart's format needs)
+FILE_STATE_KEY = "chunks:v2:{kind}:{chunk}:{frame}"
 FRAME_WORKERS = 2  # threads compressing the frames of one chunk (the codecs release the GIL)
 
 
@@ -541,10 +543,10 @@ class Pusher:
 
     # -- unchanged-disk fast path ----------------------------------------------------------
     def _known_digests(
-        self, vm: VM, chunk_size: int, frame_size: int
+        self, vm: VM, chunk_size: int, frame_size: int, kind: str = "list"
     ) -> dict[tuple[str, int], ChunkDigests]:
         out: dict[tuple[str, int], ChunkDigests] = {}
-        key = FILE_STATE_KEY.format(chunk=chunk_size, frame=frame_size)
+        key = FILE_STATE_KEY.format(kind=kind, chunk=chunk_size, frame=frame_size)
         for d in vm.config.disks:
             value = self.store.catalog.get_file_state(str(vm.disk_path(d.name)), key)
             if value is None:
@@ -567,8 +569,9 @@ class Pusher:
         frame_size: int,
         digests: dict[str, list[list[Any]]],
         stats: dict[str, os.stat_result],
+        kind: str = "list",
     ) -> None:
-        key = FILE_STATE_KEY.format(chunk=chunk_size, frame=frame_size)
+        key = FILE_STATE_KEY.format(kind=kind, chunk=chunk_size, frame=frame_size)
         for name, rows in digests.items():
             self.store.catalog.put_file_state(
                 str(vm.disk_path(name)), key, json.dumps(rows, separators=(",", ":")), stats[name]

@@ -194,7 +194,7 @@ class TartPush:
             pl.offset == i * chunk_size and pl.length == min(chunk_size, disk.size - pl.offset)
             for i, pl in enumerate(plans)
         )
-        known = p._known_digests(vm, chunk_size, hash_frame) if regular else {}
+        known = p._known_digests(vm, chunk_size, hash_frame, "content") if regular else {}
         p._lease_id = self.lease_id
 
         fd = os.open(vm.disk_path(disk.name), os.O_RDONLY)
@@ -240,7 +240,9 @@ class TartPush:
         finally:
             os.close(fd)
         if regular:
-            p._remember_digests(vm, chunk_size, hash_frame, {disk.name: rows}, {disk.name: before})
+            p._remember_digests(
+                vm, chunk_size, hash_frame, {disk.name: rows}, {disk.name: before}, "content"
+            )
 
         vm_blob = Blob(tartfmt.CONFIG_MEDIA_TYPE, vm_config)
         nvram_blob = Blob(tartfmt.NVRAM_MEDIA_TYPE, nvram)
