@@ -11,9 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from barge.cli import main
 from barge.copy import CopyOptions, copy, tag
 from barge.errors import ExitCode, RegistryError
 from barge.local import create_vm
@@ -21,17 +19,11 @@ from barge.oci.client import RegistryClient
 from barge.pull import pull
 from barge.push import PushOptions, push
 from barge.store import Store
+from clitest import barge, sha256_file
 from registry_fixtures import FaultProxy, RunningRegistry, push_image
 
 MiB = 1 << 20
 SMALL = PushOptions(chunk_size=8 * MiB, frame_size=1 * MiB)
-
-
-def barge(*args: str, code: int = 0) -> str:
-    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    assert res.exit_code == code, (args, res.exit_code, res.output, res.stderr)
-    assert "Traceback" not in res.output + res.stderr
-    return res.stdout if code == 0 else res.output + res.stderr
 
 
 def make_disk(path: Path, size: int, seed: int = 1) -> None:
@@ -45,14 +37,6 @@ def make_disk(path: Path, size: int, seed: int = 1) -> None:
         f.write(os.urandom(2 * MiB))
         f.seek(size - 5000)
         f.write(rnd * 100)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_vm(store: Store, tmp: Path, name: str = "vm", seed: int = 1, **kw: str) -> Path:

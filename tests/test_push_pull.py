@@ -23,16 +23,10 @@ from barge.progress import NullReporter
 from barge.pull import PullOptions, pull
 from barge.push import PushOptions, push
 from barge.store import Store
+from clitest import barge, sha256_file
 from registry_fixtures import FaultProxy, RunningRegistry, put_manifest
 
 MiB = 1 << 20
-
-
-def barge(*args: str, code: int = 0) -> str:
-    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    assert res.exit_code == code, (args, res.exit_code, res.output, res.stderr)
-    assert "Traceback" not in res.output + res.stderr
-    return res.stdout if code == 0 else res.stderr
 
 
 def make_disk(path: Path, size: int, seed: int = 1) -> None:
@@ -48,14 +42,6 @@ def make_disk(path: Path, size: int, seed: int = 1) -> None:
         f.write(bytes(2 * MiB))  # explicit zeros: become holes on pull
         f.seek(size - 5000)
         f.write(rnd * 100)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture

@@ -16,16 +16,15 @@ from typing import Any
 
 import lz4.frame
 import pytest
-from click.testing import CliRunner
 
 from barge.cache import clone_image
-from barge.cli import main
 from barge.disk.sparse import data_extents
 from barge.errors import ExitCode, IntegrityError
 from barge.formats import tart as tartfmt
 from barge.formats import vetu as vetufmt
 from barge.pull import pull
 from barge.store import Store
+from clitest import barge
 from registry_fixtures import OCI_CONFIG, OCI_MANIFEST, RunningRegistry, put_blob, put_manifest
 
 VECTORS = Path(__file__).parent / "testdata" / "apple-lz4"
@@ -43,13 +42,6 @@ def sha_file(path: Path) -> str:
         while piece := f.read(4 * MiB):
             h.update(piece)
     return "sha256:" + h.hexdigest()
-
-
-def barge(*args: str, code: int = 0) -> str:
-    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    assert res.exit_code == code, (args, res.exit_code, res.output, res.stderr)
-    assert "Traceback" not in res.output + res.stderr
-    return res.output if code == 0 else res.stderr
 
 
 def stored_stream(data: bytes) -> bytes:

@@ -18,16 +18,15 @@ from typing import Any
 
 import lz4.block
 import pytest
-from click.testing import CliRunner
 
 from barge.cache import clone_image
-from barge.cli import main
 from barge.errors import ExitCode
 from barge.local import create_vm
 from barge.progress import NullReporter
 from barge.pull import pull
 from barge.push import PushOptions, push
 from barge.store import Store
+from clitest import barge
 from registry_fixtures import FaultProxy, RunningRegistry
 from test_tart_vetu import push_tart, vector_chunks
 
@@ -39,13 +38,6 @@ TART_NVRAM = "application/vnd.cirruslabs.tart.nvram.v1"
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def barge(*args: str, code: int = 0) -> str:
-    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    assert res.exit_code == code, (args, res.exit_code, res.output, res.stderr)
-    assert "Traceback" not in res.output + res.stderr
-    return res.output if code == 0 else res.stderr
 
 
 # -- the independent reader (FORMAT.md §1) ----------------------------------------------------

@@ -9,17 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from barge.cli import main
 from barge.errors import ExitCode
-
-
-def barge(*args: str, code: int = 0) -> str:
-    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    assert res.exit_code == code, (args, res.exit_code, res.output, res.stderr)
-    assert "Traceback" not in res.output + res.stderr
-    return res.stdout if code == 0 else res.stderr
+from clitest import barge
 
 
 def listing() -> list[dict]:
