@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, BinaryIO, NoReturn
+from typing import IO, Any, BinaryIO, NoReturn, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
 
 import urllib3
@@ -65,6 +65,9 @@ MAX_REFERRER_PAGES = 1_000
 UPLOAD_SESSIONS = 4  # fresh upload sessions tried for one blob before giving up
 
 BodyFactory = Callable[[], Any]
+
+
+T = TypeVar("T")
 
 
 class _Restart(Exception):
@@ -678,42 +681,19 @@ class RegistryClient:
     ) -> None:
         """Upload a blob. ``progress(delta)`` gets bytes sent (negative when a restart undoes
         some); the deltas of a successful upload sum to ``size``."""
-        sent = 0
 
-        def report(n: int) -> None:
-            nonlocal sent
-            sent += n
-            if progress is not None and n:
-                progress(n)
+        def session(location: str, min_len: int, report: Callable[[int], None]) -> None:
+            if chunk_size is None:
+                self._upload_monolithic(repo, digest, size, open_at, location, report)
+            else:
+                self._upload_chunked(
+                    repo, digest, size, open_at, location, max(chunk_size, min_len, 1), report
+                )
 
-        started = time.monotonic()
-        for session in range(UPLOAD_SESSIONS):
-            location, min_len = self._start_upload(repo)
-            try:
-                if chunk_size is None:
-                    self._upload_monolithic(repo, digest, size, open_at, location, report)
-                else:
-                    self._upload_chunked(
-                        repo, digest, size, open_at, location, max(chunk_size, min_len, 1), report
-                    )
-                return
-            except _Restart as e:
-                cause = e.__cause__ or e
-                existing = self._exists_quietly(repo, digest)
-                if existing == size:
-                    report(size - sent)
-                    return
-                report(-sent)
-                last = session == UPLOAD_SESSIONS - 1
-                if last or time.monotonic() - started > self.retry.total:
-                    if isinstance(cause, RegistryError):
-                        raise cause from None
-                    raise RegistryUnreachable(
-                        f"cannot upload blob {digest} to {self.registry}/{repo}: "
-                        f"upload kept failing ({type(cause).__name__})"
-                    ) from None
-                log.debug("upload %s: fresh session after %s", digest, type(cause).__name__)
-                time.sleep(self.retry.delay(session))
+        def arrived() -> bool:  # a lost answer to a PUT that did land
+            return self._exists_quietly(repo, digest) == size
+
+        self._in_sessions(repo, f"blob {digest}", session, progress, arrived, size)
 
     def upload_stream(
         self,
@@ -736,6 +716,25 @@ class RegistryClient:
         ``produce()`` again, so it must yield the same bytes each time (barge's encoder is
         deterministic). ``progress(delta)`` as for :meth:`upload_blob`.
         """
+
+        def session(location: str, min_len: int, report: Callable[[int], None]) -> tuple[str, int]:
+            chunk = None if chunk_size is None else max(chunk_size, min_len, 1)
+            return self._upload_streamed(repo, produce, location, chunk, report, before_commit)
+
+        return self._in_sessions(repo, "a blob", session, progress)
+
+    def _in_sessions(
+        self,
+        repo: str,
+        what: str,
+        session: Callable[[str, int, Callable[[int], None]], T],
+        progress: Callable[[int], None] | None,
+        arrived: Callable[[], bool] | None = None,
+        size: int = 0,
+    ) -> T:
+        """Run an upload in fresh sessions until one completes (bounded in count and time).
+        A session that raises _Restart is abandoned, its progress undone, and, unless
+        ``arrived()`` says the blob landed after all, the next one starts after a backoff."""
         sent = 0
 
         def report(n: int) -> None:
@@ -745,30 +744,26 @@ class RegistryClient:
                 progress(n)
 
         started = time.monotonic()
-        for session in range(UPLOAD_SESSIONS):
+        for attempt in range(UPLOAD_SESSIONS):
             location, min_len = self._start_upload(repo)
             try:
-                return self._upload_streamed(
-                    repo,
-                    produce,
-                    location,
-                    None if chunk_size is None else max(chunk_size, min_len, 1),
-                    report,
-                    before_commit,
-                )
+                return session(location, min_len, report)
             except _Restart as e:
                 cause = e.__cause__ or e
+                if arrived is not None and arrived():
+                    report(size - sent)
+                    return cast(T, None)
                 report(-sent)
-                last = session == UPLOAD_SESSIONS - 1
+                last = attempt == UPLOAD_SESSIONS - 1
                 if last or time.monotonic() - started > self.retry.total:
                     if isinstance(cause, RegistryError):
                         raise cause from None
                     raise RegistryUnreachable(
-                        f"cannot upload a blob to {self.registry}/{repo}: "
+                        f"cannot upload {what} to {self.registry}/{repo}: "
                         f"upload kept failing ({type(cause).__name__})"
                     ) from None
-                log.debug("streamed upload: fresh session after %s", type(cause).__name__)
-                time.sleep(self.retry.delay(session))
+                log.debug("upload of %s: fresh session after %s", what, type(cause).__name__)
+                time.sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _upload_streamed(
