@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -56,6 +57,17 @@ def vm(barge_home: Path, tmp_path: Path) -> tuple[Store, Path]:
 SMALL = PushOptions(chunk_size=8 * MiB, frame_size=1 * MiB)
 
 
+def raw_manifest(ref: str) -> dict[str, Any]:
+    """The manifest as the real peer (skopeo) reads it from the registry."""
+    out = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
 def test_round_trip_bit_identical_and_sparse(
     vm: tuple[Store, Path], registry: RunningRegistry
 ) -> None:
@@ -84,13 +96,7 @@ def test_layer_order_does_not_matter(vm: tuple[Store, Path], registry: RunningRe
     store, disk = vm
     ref = f"{registry.host}/team/vm:v1"
     res = push(store, "vm", [ref], SMALL)
-    doc = json.loads(
-        subprocess.run(
-            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
-            capture_output=True,
-            check=True,
-        ).stdout
-    )
+    doc = raw_manifest(ref)
     assert res.digest
     doc["layers"].reverse()
     put_manifest(registry, "team/vm", "reordered", json.dumps(doc).encode())
@@ -149,13 +155,7 @@ def test_corrupt_blob_fails_pull_and_leaves_nothing(
     ref = f"{registry.host}/bad/vm:v1"
     push(store, "vm", [ref], SMALL)
     # pick the largest chunk layer and flip a byte in the registry's storage
-    doc = json.loads(
-        subprocess.run(
-            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
-            capture_output=True,
-            check=True,
-        ).stdout
-    )
+    doc = raw_manifest(ref)
     layer = max(
         (d for d in doc["layers"] if "disk.chunk" in d["mediaType"]), key=lambda d: d["size"]
     )
@@ -404,17 +404,7 @@ def test_concurrent_pulls_download_once(
     ]
     for p in procs:
         assert p.wait(120) == 0
-    layers = [
-        d
-        for d in json.loads(
-            subprocess.run(
-                ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
-                capture_output=True,
-                check=True,
-            ).stdout
-        )["layers"]
-        if "disk.chunk" in d["mediaType"]
-    ]
+    layers = [d for d in raw_manifest(ref)["layers"] if "disk.chunk" in d["mediaType"]]
     for d in layers:  # every disk layer was downloaded by exactly one of the three
         assert proxy.count("GET", "/blobs/" + d["digest"]) == 1
     images = Store(home).cached_images()
