@@ -422,3 +422,61 @@ def test_all_zero_disk_round_trip(barge_home: Path, registry: RunningRegistry) -
     pulled = pull(Store(store.home.parent / "empty-home"), ref)
     disk = pulled.path / "disk.img"
     assert disk.stat().st_size == 64 * MiB and disk.stat().st_blocks == 0
+
+
+def test_push_without_credentials_says_how_to_log_in(
+    vm: tuple[Store, Path], registry_basic: RunningRegistry
+) -> None:
+    err = barge("push", "vm", f"{registry_basic.host}/sec/vm:v1", code=ExitCode.AUTH)
+    assert f"barge login {registry_basic.host}" in err
+    assert len(err.strip().splitlines()) <= 2  # the error and its hint
+
+
+def test_token_expiring_mid_push_is_refreshed(
+    vm: tuple[Store, Path], registry_token: RunningRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens that expire after a second: a push slowed down past that keeps going, asking
+    the token server again when the registry answers 401."""
+    store, disk = vm
+    ts = registry_token.token_server
+    assert ts is not None and registry_token.username and registry_token.password
+    ts.expires_in = 1
+    monkeypatch.setenv("BARGE_REGISTRY_USERNAME", registry_token.username)
+    monkeypatch.setenv("BARGE_REGISTRY_PASSWORD", registry_token.password)
+    from barge.disk import chunker
+
+    real = chunker.hash_chunk
+
+    def slow_hash(*a: object, **kw: object) -> object:
+        time.sleep(0.6)
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    import barge.push as push_mod
+
+    monkeypatch.setattr(push_mod, "hash_chunk", slow_hash)
+    ref = f"{registry_token.host}/tok/vm:v1"
+    push(store, "vm", [ref], SMALL)  # first push: chunk index filled
+    before = len(ts.requests)
+    started = time.monotonic()
+    push(store, "vm", [f"{registry_token.host}/tok/vm:v2"], SMALL)  # hashes first, slowly
+    assert time.monotonic() - started > 1.5  # the push outlived its first token
+    assert len(ts.requests) - before >= 2  # and asked for a new one
+    pulled = pull(Store(store.home.parent / "tok-home"), f"{registry_token.host}/tok/vm:v2")
+    assert sha256_file(pulled.path / "disk.img") == sha256_file(disk)
+
+
+def test_import_refused_up_front_when_the_disk_is_full(
+    barge_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = tmp_path / "big.raw"
+    make_disk(disk, 40 * MiB)
+    import barge.local as local_mod
+
+    class Full:
+        f_bavail = 1
+        f_frsize = 4096
+
+    monkeypatch.setattr(local_mod.os, "statvfs", lambda p: Full())
+    err = barge("create", "big", "--from-disk", str(disk), code=ExitCode.NO_SPACE)
+    assert "not enough space" in err
+    assert json.loads(barge("list", "--format", "json")) == []
