@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,13 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     if value is None:
         return None
     return parse_size(value, what=f"--{param.name.replace('_', '-') if param.name else 'size'}")
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"used {int(seconds // size)}{unit} ago"
+    return "used just now"
 
 
 def _print_vm(info: dict[str, Any]) -> None:
@@ -171,9 +179,11 @@ def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
         return
     if not rows:
         return
-    header = ("SOURCE", "NAME", "PLATFORM", "DISK", "ON DISK", "STATE")
+    header = ("SOURCE", "NAME", "PLATFORM", "DISK", "ON DISK", "DIGEST", "STATE / LAST USED")
     table = [header]
+    now = time.time()
     for r in rows:
+        digest = str(r.get("digest") or "")
         table.append(
             (
                 r["source"],
@@ -181,7 +191,8 @@ def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
                 f"{r['os']}/{r['arch']}",
                 format_size(sum(d["size"] for d in r["disks"])),
                 format_size(r["sizeOnDisk"]),
-                r.get("state", ""),
+                digest.removeprefix("sha256:")[:12],
+                _ago(now - r["lastUsed"]) if r.get("lastUsed") else r.get("state", ""),
             )
         )
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
