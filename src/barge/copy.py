@@ -151,6 +151,7 @@ class Ends:
         self.insecure = insecure
         self._clients: dict[str, RegistryClient] = {}
         self._archives: list[ArchiveWriteEnd] = []
+        self._readers: list[LayoutEnd] = []  # archives being read: each holds a file open
 
     def client(self, registry: str) -> RegistryClient:
         if registry not in self._clients:
@@ -173,7 +174,15 @@ class Ends:
 
             raise NotFoundError(f"{loc.path} is not an OCI image layout (no oci-layout file)")
         lend = LayoutEnd(loc.path, loc.tag, archive=loc.kind == "oci-archive")
+        if lend.archive:
+            self._readers.append(lend)
         return lend, loc, loc.tag or ""
+
+    def read_archive(self, path: Path) -> LayoutEnd:
+        """An archive just written, opened for reading (closed by :meth:`close`)."""
+        lend = LayoutEnd(path, None, archive=True)
+        self._readers.append(lend)
+        return lend
 
     def destination(self, text: str) -> tuple[End, Location]:
         loc = parse_location(text, allow_vm=False)
@@ -197,6 +206,11 @@ class Ends:
     def close(self) -> None:
         for a in self._archives:
             a.abort()
+        for r in self._readers:
+            close = getattr(r.layout, "close", None)
+            if close is not None:
+                with contextlib.suppress(OSError):
+                    close()
         for c in self._clients.values():
             c.close()
 
@@ -404,7 +418,7 @@ class Copier:
 
                     vdst: End = dst
                     if isinstance(dst, ArchiveWriteEnd):
-                        vdst = LayoutEnd(dst.path, None, archive=True)
+                        vdst = ends.read_archive(dst.path)
                     for img in images:
                         m = vdst.get_manifest(img.digest)
                         result.verified.append(

@@ -8,13 +8,14 @@ needs no 20 GiB of temporary space); ``export`` of a reference is a copy registr
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from barge.copy import ArchiveWriteEnd, CopyOptions, copy
 from barge.endpoints import End, LayoutEnd, parse_location
-from barge.errors import UsageError
+from barge.errors import BargeError, UsageError
 from barge.progress import Reporter
 from barge.store import Store
 
@@ -125,15 +126,31 @@ def import_image(
         from barge.errors import NotFoundError
 
         raise NotFoundError(f"no OCI layout at {loc.path}")
-    res, _cloned = clone_image(
-        store, text, name, PullOptions(concurrency=concurrency, platform=platform), reporter
-    )
-    # the pull was only the way in: keep no cache reference to the layout (an image that was
-    # cached before stays, under its own references)
     cat = store.catalog
-    for r in cat.refs(res.digest):
-        if r.registry == loc.kind and r.repository == str(loc.path.absolute()):
-            cat.remove_ref(r.registry, r.repository, r.tag, r.digest)
-    if not res.up_to_date and not cat.refs(res.digest):
-        store.gc(only={res.digest})
+    where = str(loc.path.absolute())
+    ok = False
+    try:
+        res, _cloned = clone_image(
+            store, text, name, PullOptions(concurrency=concurrency, platform=platform), reporter
+        )
+        ok = True
+    finally:
+        # the pull was only the way in: keep no cache reference to the layout, also when the
+        # clone failed (an image that was cached before stays, under its own references)
+        dropped: set[str] = set()
+        for r in cat.refs():
+            if r.registry == loc.kind and r.repository == where:
+                cat.remove_ref(r.registry, r.repository, r.tag, r.digest)
+                dropped.add(r.digest)
+        if ok and res.up_to_date:
+            dropped.discard(res.digest)
+        elif ok:
+            dropped.add(res.digest)
+        orphans = {d for d in dropped if not cat.refs(d)}
+        if orphans:
+            if ok:
+                store.gc(only=orphans)
+            else:  # the clone's error is the one to report
+                with contextlib.suppress(BargeError, OSError):
+                    store.gc(only=orphans)
     return {"source": text, "digest": res.digest, "format": res.format, "name": name}

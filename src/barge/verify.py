@@ -366,15 +366,21 @@ def verify_dir(path: Path, target: str, kind: str, *, digest: str | None = None)
         report.bytes = sum(d.size for d in cfg.disks)
         return report
     mpath = path / "manifest.json"
-    if digest is not None and mpath.exists():
-        got = "sha256:" + hashlib.sha256(mpath.read_bytes()).hexdigest()
-        if got != digest:
-            report.faults.append(Fault(f"manifest {digest}", f"manifest.json hashes to {got}"))
+    if digest is not None:
+        try:
+            got = "sha256:" + hashlib.sha256(mpath.read_bytes()).hexdigest()
+        except FileNotFoundError:  # every pull writes it: its absence is damage
+            report.faults.append(Fault(f"manifest {digest}", "manifest.json is missing"))
+        else:
+            if got != digest:
+                report.faults.append(Fault(f"manifest {digest}", f"manifest.json hashes to {got}"))
     fmt = (cfg.source or {}).get("format")
     if fmt:
         report.formats.append(str(fmt))
     ipath = path / "index.json"
     if not ipath.exists():
+        if fmt == "barge":  # a barge pull always stores its frame index
+            report.faults.append(Fault("index.json", "missing: the frames cannot be checked"))
         report.bytes = sum(d.size for d in cfg.disks)
         return report
     try:

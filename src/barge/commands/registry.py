@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from barge.cli import emit_json, format_option, main
-from barge.errors import UsageError
+from barge.errors import IntegrityError, UsageError
 from barge.oci import CredentialStore, RegistryClient
 from barge.oci.types import Descriptor, Manifest
 from barge.reference import parse, parse_repository
@@ -173,7 +173,11 @@ def inspect(ref: str, raw: bool, insecure: bool, fmt: str) -> None:
         if raw:
             click.echo(m.data.decode("utf-8", "replace"), nl=not m.data.endswith(b"\n"))
             return
-        info = {"reference": str(r), **_describe(client, r.repository, m)}
+        try:
+            described = _describe(client, r.repository, m)
+        except ValueError as e:  # a malformed manifest (or index) from the registry
+            raise IntegrityError(f"{r}: invalid manifest {m.digest}: {e}") from None
+        info = {"reference": str(r), **described}
     if fmt == "json":
         emit_json(info)
         return
