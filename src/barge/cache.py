@@ -90,8 +90,9 @@ def clone_image(
     if store.vm_exists(name):
         raise ConflictError(f"a VM named {name!r} already exists")
     with store.lease("clone") as lease_id:
-        res = pull(store, ref_text, opts, reporter)
-        store.catalog.lease_add(lease_id, "image", [res.digest])
+        # the image joins this lease before the pull looks at the cache, so no GC can take it
+        # between the pull and the clone
+        res = pull(store, ref_text, opts, reporter, hold=lease_id)
         lock = store.image_lock(res.digest, shared=True, wait=True)
         try:
             if not res.path.is_dir():

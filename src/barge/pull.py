@@ -179,7 +179,9 @@ class Puller:
             return lend, loc.kind, str(loc.path.absolute()), loc.tag or "", loc.tag or "latest"
         raise UsageError(f"cannot pull {text!r}")
 
-    def pull(self, text: str) -> PullResult:
+    def pull(self, text: str, *, hold: str | None = None) -> PullResult:
+        """Pull ``text``. ``hold``: a caller's lease that must keep the image once the pull
+        returns (a clone from it), added before the image is looked at."""
         end, registry, repository, tag, reference = self.open_source(text)
         top = end.get_manifest(reference)
         manifest = select_platform(end, top, self.opts.platform)
@@ -188,6 +190,8 @@ class Puller:
         cat = self.store.catalog
         path = self.store.image_path(digest)
         hexd = path.name
+        if hold is not None:
+            cat.lease_add(hold, "image", [digest])
         with self.store.lease("pull") as lease_id:
             cat.lease_add(lease_id, "image", [digest])
             lock = self.store.image_lock(digest, wait=True)
@@ -797,10 +801,15 @@ def _dir_allocated(path: Path) -> int:
 
 
 def pull(
-    store: Store, text: str, opts: PullOptions | None = None, reporter: Reporter | None = None
+    store: Store,
+    text: str,
+    opts: PullOptions | None = None,
+    reporter: Reporter | None = None,
+    *,
+    hold: str | None = None,
 ) -> PullResult:
     puller = Puller(store, opts or PullOptions(), reporter)
     try:
-        return puller.pull(text)
+        return puller.pull(text, hold=hold)
     finally:
         puller.close()
