@@ -287,3 +287,25 @@ def test_tart_push_after_barge_push_of_an_unchanged_disk(
             assert ann == sha(data)
     pulled = pull(Store(store.home.parent / "mix-home"), f"{registry.host}/mix/vm:tart")
     assert (pulled.path / "disk.img").read_bytes() == disk
+
+
+def test_grown_tart_vm_still_fits_the_layer_cap(
+    barge_home: Path, registry: RunningRegistry
+) -> None:
+    """A VM from a Tart image is cut where that image was, unless the chunks its disk grew by
+    would push the layer count over the registry's cap: then it is cut afresh to fit."""
+    from barge.local import set_vm
+
+    store = Store()
+    push_tart(registry, "tart/macos", "sonoma", vector_chunks())
+    clone_image(store, f"{registry.host}/tart/macos:sonoma", "mac")
+    set_vm(store, "mac", disk_size=8 * MiB)
+    res = push(
+        store, "mac", [f"{registry.host}/tart/grown:v1"], PushOptions(format="tart", max_layers=5)
+    )
+    assert res.layers <= 5
+    doc = fetch_manifest(registry, "tart/grown", "v1")
+    assert len(doc["layers"]) <= 5
+    pulled = pull(Store(store.home.parent / "grown-home"), f"{registry.host}/tart/grown:v1")
+    with open(store.vm_path("mac") / "disk.img", "rb") as f:
+        assert (pulled.path / "disk.img").read_bytes() == f.read()

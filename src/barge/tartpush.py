@@ -143,11 +143,17 @@ class TartPush:
         source = self.vm.config.source or {}
         sizes = source.get("chunkSizes") if source.get("format") == "tart" else None
         if self.p.opts.chunk_size is None and isinstance(sizes, list):
+            keep: list[int] = []
+            end = 0
+            for n in sizes:
+                if not isinstance(n, int) or n <= 0 or end + n > size:
+                    break
+                keep.append(n)
+                end += n
+            tail = -(-(size - end) // chunk_size)  # chunks for what the disk grew by
             cap, _ = self.p.layer_cap(self.targets)
-            if cap is None or len(sizes) + 2 <= cap:
-                for n in sizes:
-                    if not isinstance(n, int) or n <= 0 or off + n > size:
-                        break
+            if cap is None or len(keep) + tail + 2 <= cap:
+                for n in keep:
                     plans.append(ChunkPlan(name, off, n))
                     off += n
         plans += [
