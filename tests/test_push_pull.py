@@ -480,3 +480,38 @@ def test_import_refused_up_front_when_the_disk_is_full(
     err = barge("create", "big", "--from-disk", str(disk), code=ExitCode.NO_SPACE)
     assert "not enough space" in err
     assert json.loads(barge("list", "--format", "json")) == []
+
+
+@pytest.mark.parametrize("two_registries", [False, True])
+def test_push_in_small_patch_chunks(
+    vm: tuple[Store, Path],
+    registry: RunningRegistry,
+    registry2: RunningRegistry,
+    make_proxy: Callable[..., FaultProxy],
+    two_registries: bool,
+) -> None:
+    """Registries that cap PATCH bodies (GHCR: 4 MiB) get uploads in PATCHes of at most
+    --upload-chunk-size bytes: streamed straight from the encoder to one registry, or spooled
+    once and sent to each of two registries."""
+    store, disk = vm
+    proxy = make_proxy(registry)
+    refs = [f"{proxy.host}/small/vm:v1"]
+    if two_registries:
+        refs.append(f"{registry2.host}/small/vm:v1")
+    out = barge(
+        "push",
+        "vm",
+        *refs,
+        "--chunk-size",
+        "8M",
+        "--upload-chunk-size",
+        "256K",
+        "--format",
+        "json",
+    )
+    assert sorted(json.loads(out)["references"]) == sorted(refs)
+    patches = [e.request_bytes for e in proxy.log if e.method == "PATCH"]
+    assert len(patches) > 4 and 0 < max(patches) <= 256 * 1024
+    for host in [registry.host] + ([registry2.host] if two_registries else []):
+        pulled = pull(Store(store.home.parent / f"small-{host}"), f"{host}/small/vm:v1")
+        assert sha256_file(pulled.path / "disk.img") == sha256_file(disk)
