@@ -502,6 +502,7 @@ class FaultRule:
     after_request_bytes: int | None = None
     location: str = ""
     require_header: str | None = None  # only requests carrying this header match
+    body: bytes = b""  # the answer's body for "status" (default: an OCI error naming it)
     seen: int = 0
     fired: int = 0
 
@@ -676,7 +677,9 @@ class FaultProxy:
             else:
                 status = rule.status
             body = (
-                b""
+                rule.body
+                if rule.body
+                else b""
                 if status < 400
                 else json.dumps(
                     {"errors": [{"code": "UNKNOWN", "message": f"injected {status}"}]}

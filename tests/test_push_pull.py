@@ -515,3 +515,37 @@ def test_push_in_small_patch_chunks(
     for host in [registry.host] + ([registry2.host] if two_registries else []):
         pulled = pull(Store(store.home.parent / f"small-{host}"), f"{host}/small/vm:v1")
         assert sha256_file(pulled.path / "disk.img") == sha256_file(disk)
+
+
+def test_registry_refusals_of_the_manifest_are_explained(
+    vm: tuple[Store, Path], registry: RunningRegistry, make_proxy: Callable[..., FaultProxy]
+) -> None:
+    proxy = make_proxy(registry)
+    # ECR's answer when an image has too many layers
+    proxy.add(
+        method="PUT",
+        path="/manifests/",
+        status=405,
+        body=json.dumps(
+            {
+                "errors": [
+                    {"code": "DENIED", "message": "Limit on number of layers per image exceeded"}
+                ]
+            }
+        ).encode(),
+    )
+    err = barge("push", "vm", f"{proxy.host}/cap/vm:v1", "--chunk-size", "8M", code=ExitCode.LIMIT)
+    assert "layer limit" in err and "--max-layers" in err
+    # a registry that allow-lists media types
+    proxy.add(
+        method="PUT",
+        path="/manifests/",
+        status=415,
+        body=json.dumps(
+            {"errors": [{"code": "MANIFEST_INVALID", "message": "media type not allowed"}]}
+        ).encode(),
+    )
+    err = barge(
+        "push", "vm", f"{proxy.host}/types/vm:v1", "--chunk-size", "8M", code=ExitCode.UNSUPPORTED
+    )
+    assert "application/vnd.barge.disk.chunk.v1+zstd" in err and "media type not allowed" in err

@@ -54,7 +54,7 @@ from barge.disk.sizing import (
 )
 from barge.disk.sparse import data_extents
 from barge.endpoints import End, LayoutEnd, RegistryEnd, parse_location
-from barge.errors import LimitError, UsageError
+from barge.errors import LimitError, UnsupportedError, UsageError
 from barge.image import (
     FILE_MEDIA_TYPE,
     FILE_NAME_ANNOTATION,
@@ -64,7 +64,7 @@ from barge.image import (
     oci_config,
 )
 from barge.oci.client import RegistryClient
-from barge.oci.errors import LayerLimitExceeded
+from barge.oci.errors import LayerLimitExceeded, RegistryResponseError
 from barge.oci.types import OCI_MANIFEST
 from barge.progress import NullReporter, Reporter
 from barge.store import VM, Store
@@ -355,6 +355,16 @@ class Pusher:
                         hint=f"push again with --max-layers {suggestion} (barge then picks a "
                         "larger chunk size before uploading)",
                     ) from None
+                except RegistryResponseError as e:
+                    if not _refused_content(e):
+                        raise
+                    types = sorted({d["mediaType"] for d in json.loads(manifest)["layers"]})
+                    raise UnsupportedError(
+                        f"{t.end.label} refused the manifest ({e.message}); it carries layer "
+                        f"media types {', '.join(types)} and dev.barge.* annotations",
+                        hint="the registry may allow-list media types (Harbor, Artifactory and "
+                        "Nexus can): allow these, or push elsewhere",
+                    ) from None
                 refs.append(f"{t.end.label}:{tag}" if tag else f"{t.end.label}@{digest}")
         return PushResult(digest, len(manifest), refs, chunk_size, layers, self.stats, self.notes)
 
@@ -589,6 +599,14 @@ class Pusher:
                 continue
             blobs.append(Blob(FILE_MEDIA_TYPE, p.read_bytes(), {FILE_NAME_ANNOTATION: name}))
         return blobs
+
+
+def _refused_content(e: RegistryResponseError) -> bool:
+    """A registry saying it will not take this kind of manifest (not a transient failure)."""
+    return e.status in (400, 415, 422) or e.code in (
+        "MANIFEST_INVALID",
+        "UNSUPPORTED",
+    )
 
 
 def _has_data(fd: int, plan: ChunkPlan) -> bool:
