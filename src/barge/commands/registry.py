@@ -121,10 +121,11 @@ def _describe(client: RegistryClient, repo: str, m: Manifest) -> dict[str, Any]:
         return out
     img = m.image()
     config_doc: Any = None
-    try:
-        config_doc = json.loads(client.read_blob(repo, img.config.digest, max_size=MAX_CONFIG))
-    except ValueError:
-        config_doc = None
+    if img.config.size <= MAX_CONFIG:  # a huge config is not shown; the manifest still is
+        try:
+            config_doc = json.loads(client.read_blob(repo, img.config.digest, max_size=MAX_CONFIG))
+        except ValueError:
+            config_doc = None
     layers = []
     unc_total: int | None = 0
     for d in img.layers:
