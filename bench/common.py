@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,9 +25,9 @@ GiB = 1 << 30
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
+sys.path.insert(0, str(REPO / "tests"))  # the registry launcher the tests and the demo use
 VENV_BIN = REPO / ".venv" / "bin"
 BARGE = str(VENV_BIN / "barge")
-REGISTRY_BIN = "/usr/bin/docker-registry"
 SKOPEO = "skopeo"
 TIME_BIN = "/usr/bin/time"
 
@@ -42,12 +42,6 @@ def fmt_bytes(n: float) -> str:
 def rate(nbytes: float, seconds: float) -> float:
     """MB/s (10^6 bytes per second), 0 when nothing was timed."""
     return nbytes / seconds / 1e6 if seconds > 0 else 0.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 # -- timed subprocesses ----------------------------------------------------------------------
@@ -201,64 +195,24 @@ class Registry:
         self.proc = None
 
 
-def _ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url + "/v2/", timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)
-    return False
-
-
 @contextmanager
 def registry(name: str, *, keep: bool = False) -> Iterator[Registry]:
-    """A fresh ``docker-registry`` (filesystem storage under bench/out/work/NAME) on loopback."""
+    """A fresh ``docker-registry`` (filesystem storage under bench/out/work/NAME) on loopback,
+    started by the tests' launcher; logging at "warn" (plus the access log the pull figures
+    read), so that the registry's own logging weighs on neither barge nor skopeo."""
+    from registry_fixtures import start_registry
+
     workdir = OUT / "work" / f"registry-{name}"
     shutil.rmtree(workdir, ignore_errors=True)
-    (workdir / "storage").mkdir(parents=True)
-    reg: Registry | None = None
+    running = start_registry(
+        workdir, extra={"log": {"level": "warn", "accesslog": {"disabled": False}}}
+    )
+    reg = Registry(running.host, workdir, running.log_path, running.process)
     try:
-        for _attempt in range(5):
-            port = free_port()
-            host = f"127.0.0.1:{port}"
-            cfg = {
-                "version": "0.1",
-                "log": {"level": "warn", "accesslog": {"disabled": False}},
-                "storage": {
-                    "filesystem": {"rootdirectory": str(workdir / "storage")},
-                    "delete": {"enabled": True},
-                    "maintenance": {"uploadpurging": {"enabled": False}},
-                },
-                "http": {"addr": host, "secret": "barge-bench"},
-            }
-            config = workdir / "config.yml"  # JSON is YAML
-            config.write_text(json.dumps(cfg, indent=2))
-            log_path = workdir / "registry.log"
-            with open(log_path, "wb") as logf:
-                proc = subprocess.Popen(
-                    [REGISTRY_BIN, "serve", str(config)],
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                )
-            reg = Registry(host, workdir, log_path, proc)
-            if _ready(reg.url, proc):
-                break
-            reg.stop()
-            text = log_path.read_text(errors="replace")
-            reg = None
-            if "address already in use" not in text:
-                raise RuntimeError(f"docker-registry did not start:\n{text[-2000:]}")
-        if reg is None:
-            raise RuntimeError("docker-registry did not start after 5 attempts")
         yield reg
     finally:
-        if reg is not None:
-            reg.stop()
+        reg.stop()
+        running.process = None
         if not keep:
             shutil.rmtree(workdir / "storage", ignore_errors=True)
 
