@@ -549,3 +549,20 @@ def test_registry_refusals_of_the_manifest_are_explained(
         "push", "vm", f"{proxy.host}/types/vm:v1", "--chunk-size", "8M", code=ExitCode.UNSUPPORTED
     )
     assert "application/vnd.barge.disk.chunk.v1+zstd" in err and "media type not allowed" in err
+
+
+def test_second_repository_gets_the_stream_again_when_mounts_are_refused(
+    vm: tuple[Store, Path], registry: RunningRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registries that answer every mount with a fresh upload session (202) still get every
+    repository's blobs: the chunk is encoded and streamed again."""
+    from barge.endpoints import RegistryEnd
+
+    monkeypatch.setattr(RegistryEnd, "try_mount", lambda self, digest, size: False)
+    store, disk = vm
+    refs = [f"{registry.host}/one/vm:v1", f"{registry.host}/two/vm:v1"]
+    res = push(store, "vm", refs, SMALL)
+    assert res.stats.mounted_blobs == 0
+    for ref in refs:
+        pulled = pull(Store(store.home.parent / ref.replace("/", "_")), ref)
+        assert sha256_file(pulled.path / "disk.img") == sha256_file(disk)

@@ -495,8 +495,15 @@ class Pusher:
                 if not enc.all_zero:
                     self.stats.uploaded_blobs += 1
                     self.stats.uploaded_bytes += size
-            for t in targets[1:]:  # same registry: mounts
-                self._ensure(t.end, enc.cdigest, enc.csize, None)
+            for t in targets[1:]:  # same registry: mounts, or streamed again if refused
+                if not self._ensure(t.end, enc.cdigest, enc.csize, None):
+                    assert isinstance(t.end, RegistryEnd)
+                    again, _ = t.end.put_stream(produce)
+                    if again != enc.cdigest:  # pragma: no cover - the encoder is deterministic
+                        raise UsageError(f"chunk at {plan.offset} encoded differently twice")
+                    with self._lock:
+                        self.stats.uploaded_blobs += 1
+                        self.stats.uploaded_bytes += enc.csize
             return enc.meta, enc
         # compress into a spool file (bounded memory), then upload from it
         spool = spool_dir / f"push-{os.getpid()}-{threading.get_ident()}-{plan.offset}.layer"
