@@ -1,10 +1,15 @@
-"""Helpers shared by the tests: the CLI run in-process, and file digests."""
+"""Helpers shared by the tests: the CLI run in-process, digests, blob openers, and an Apple
+LZ4 stream reader written from FORMAT.md §1 that shares no code with barge."""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
+import lz4.block
 from click.testing import CliRunner
 
 from barge.cli import main
@@ -28,3 +33,53 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(8 * MiB):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def opener(data: bytes, calls: list[int] | None = None) -> Callable[[int], io.BytesIO]:
+    """An ``open_at(offset)`` over ``data`` for uploads; records the offsets asked for."""
+
+    def open_at(offset: int) -> io.BytesIO:
+        if calls is not None:
+            calls.append(offset)
+        f = io.BytesIO(data)
+        f.seek(offset)
+        return f
+
+    return open_at
+
+
+def independent_apple_lz4_decode(data: bytes) -> bytes:
+    """Decode an Apple LZ4 stream straight from FORMAT.md §1 (``bv41`` blocks using the
+    previous block as dictionary, ``bv4-`` stored blocks, ``bv4$`` end), not barge's decoder."""
+    out = bytearray()
+    prev = b""
+    pos = 0
+    for _ in range(len(data)):  # bounded: every block consumes at least 4 bytes
+        marker = data[pos : pos + 4]
+        pos += 4
+        if marker == b"bv41":
+            usize, csize = struct.unpack_from("<II", data, pos)
+            pos += 8
+            block = lz4.block.decompress(
+                data[pos : pos + csize], uncompressed_size=usize, dict=prev
+            )
+            assert len(block) == usize
+            pos += csize
+        elif marker == b"bv4-":
+            (usize,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            block = data[pos : pos + usize]
+            assert len(block) == usize
+            pos += usize
+        elif marker == b"bv4$":
+            assert pos == len(data), "data after the end marker"
+            return bytes(out)
+        else:
+            raise AssertionError(f"unknown marker {marker!r} at {pos - 4}")
+        out += block
+        prev = block
+    raise AssertionError("no end marker")

@@ -575,29 +575,22 @@ class FaultProxy:
             self.rules.clear()
             self.log.clear()
 
-    def count(self, method: str = "*", path: str = ".*") -> int:
+    def _matching(self, method: str, path: str) -> list[Exchange]:
         with self._lock:
-            return sum(
-                1
+            return [
+                e
                 for e in self.log
                 if method in ("*", e.method) and re.search(path, e.path) is not None
-            )
+            ]
+
+    def count(self, method: str = "*", path: str = ".*") -> int:
+        return len(self._matching(method, path))
 
     def request_bytes(self, method: str = "*", path: str = ".*") -> int:
-        with self._lock:
-            return sum(
-                e.request_bytes
-                for e in self.log
-                if method in ("*", e.method) and re.search(path, e.path) is not None
-            )
+        return sum(e.request_bytes for e in self._matching(method, path))
 
     def response_bytes(self, method: str = "*", path: str = ".*") -> int:
-        with self._lock:
-            return sum(
-                e.response_bytes
-                for e in self.log
-                if method in ("*", e.method) and re.search(path, e.path) is not None
-            )
+        return sum(e.response_bytes for e in self._matching(method, path))
 
     def stop(self) -> None:
         self._server.shutdown()

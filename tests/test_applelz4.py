@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from barge.disk import applelz4
 from barge.disk.applelz4 import AppleLZ4Decoder, AppleLZ4Encoder
 from barge.errors import IntegrityError
+from clitest import independent_apple_lz4_decode
 
 VECTORS = Path(__file__).parent / "testdata" / "apple-lz4"
 NAMES = ["hello-world.txt", "pg2554.txt"]
@@ -42,37 +43,6 @@ class Dribble(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         k = self._rng.randint(1, 7)
         return self._buf.read(k if n < 0 else min(n, k))
-
-
-def independent_decode(stream: bytes) -> bytes:
-    """A reader written straight from FORMAT.md §1, sharing no code with barge."""
-    out = []
-    prev = b""
-    pos = 0
-    while True:
-        marker = stream[pos : pos + 4]
-        pos += 4
-        if marker == b"bv4$":
-            assert pos == len(stream)
-            return b"".join(out)
-        if marker == b"bv41":
-            usize, csize = struct.unpack_from("<II", stream, pos)
-            pos += 8
-            block = lz4.block.decompress(
-                stream[pos : pos + csize], uncompressed_size=usize, dict=prev
-            )
-            assert len(block) == usize
-            pos += csize
-        elif marker == b"bv4-":
-            (usize,) = struct.unpack_from("<I", stream, pos)
-            pos += 4
-            block = stream[pos : pos + usize]
-            assert len(block) == usize
-            pos += usize
-        else:
-            raise AssertionError(f"bad marker {marker!r}")
-        out.append(block)
-        prev = block
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +69,7 @@ def test_apple_vector_uses_dictionary_and_64k_blocks() -> None:
     u2, c2 = struct.unpack_from("<II", stream, second + 4)
     with pytest.raises(lz4.block.LZ4BlockError):
         lz4.block.decompress(stream[second + 12 : second + 12 + c2], uncompressed_size=u2)
-    assert independent_decode(stream) == plain
+    assert independent_apple_lz4_decode(stream) == plain
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -128,7 +98,7 @@ def test_encode_vectors_round_trip(name: str) -> None:
     plain, _ = vector(name)
     enc = applelz4.encode(plain)
     assert applelz4.decode(enc, expected_size=len(plain)) == plain
-    assert independent_decode(enc) == plain
+    assert independent_apple_lz4_decode(enc) == plain
 
 
 def test_encoder_emits_stored_blocks_for_random_data_and_64k_blocks() -> None:
@@ -136,7 +106,7 @@ def test_encoder_emits_stored_blocks_for_random_data_and_64k_blocks() -> None:
     enc = applelz4.encode(data)
     assert enc.startswith(b"bv4-") and struct.unpack_from("<I", enc, 4)[0] == 65536
     assert b"bv41" in enc  # the zero part compresses
-    assert independent_decode(enc) == data
+    assert independent_apple_lz4_decode(enc) == data
 
 
 @settings(max_examples=60, deadline=None)
@@ -164,7 +134,7 @@ def test_streaming_encoder_round_trip(parts: list[bytes], cuts: list[int]) -> No
     out.append(enc.finish())
     stream = b"".join(out)
     assert stream == applelz4.encode(data)  # chunking does not change the output
-    assert independent_decode(stream) == data
+    assert independent_apple_lz4_decode(stream) == data
     assert applelz4.decode(stream, expected_size=len(data)) == data
 
 
@@ -325,7 +295,7 @@ def test_dictionary_spans_stored_blocks() -> None:
     comp = lz4.block.compress(tail, store_size=False, dict=stored)
     stream = b"bv4-" + struct.pack("<I", len(stored)) + stored + _bv41(len(tail), comp) + b"bv4$"
     assert applelz4.decode(stream) == stored + tail
-    assert independent_decode(stream) == stored + tail
+    assert independent_apple_lz4_decode(stream) == stored + tail
 
 
 def test_corrupt_payload_bytes_never_crash() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import hashlib
 import json
 import random
 from typing import Any
@@ -14,10 +13,7 @@ import pytest
 from barge.errors import IntegrityError, UnsupportedError
 from barge.formats import BlobDescriptor, detect_format, tart
 from barge.formats.tart import DiskChunk
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+from clitest import sha
 
 
 def desc(name: str, size: int = 100) -> BlobDescriptor:

@@ -16,10 +16,7 @@ import pytest
 from barge.disk import lz4frame
 from barge.errors import IntegrityError, UnsupportedError
 from barge.formats import detect_format, vetu
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+from clitest import sha
 
 
 def layer(media_type: str, name: str, size: int = 10, **ann: str) -> dict[str, Any]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import io
 import json
 import logging
 import os
@@ -23,20 +21,8 @@ from barge.oci import (
     Unauthorized,
 )
 from barge.oci.auth import parse_challenge
+from clitest import opener, sha
 from registry_fixtures import RunningRegistry, push_image, put_blob
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def opener(data: bytes):  # type: ignore[no-untyped-def]
-    def open_at(offset: int) -> io.BytesIO:
-        f = io.BytesIO(data)
-        f.seek(offset)
-        return f
-
-    return open_at
 
 
 def fast(c: RegistryClient) -> RegistryClient:

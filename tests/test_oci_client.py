@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import time
@@ -24,20 +22,8 @@ from barge.oci import (
     RegistryUnreachable,
 )
 from barge.oci.types import Descriptor, ImageManifest, Index
+from clitest import opener, sha
 from registry_fixtures import RunningRegistry, push_image, put_blob
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def opener(data: bytes):  # type: ignore[no-untyped-def]
-    def open_at(offset: int) -> io.BytesIO:
-        f = io.BytesIO(data)
-        f.seek(offset)
-        return f
-
-    return open_at
 
 
 @pytest.fixture

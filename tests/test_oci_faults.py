@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import time
 from collections.abc import Callable
@@ -20,22 +18,8 @@ from barge.oci import (
     TooManyRequests,
 )
 from barge.oci.errors import error_from_response
+from clitest import opener, sha
 from registry_fixtures import FaultProxy, RedirectSetup, RunningRegistry, push_image, put_blob
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def opener(data: bytes, calls: list[int] | None = None):  # type: ignore[no-untyped-def]
-    def open_at(offset: int) -> io.BytesIO:
-        if calls is not None:
-            calls.append(offset)
-        f = io.BytesIO(data)
-        f.seek(offset)
-        return f
-
-    return open_at
 
 
 @pytest.fixture

@@ -15,8 +15,6 @@ request deterministically instead of once in a blue moon.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import random
 import threading
@@ -31,24 +29,12 @@ import urllib3
 from barge.errors import RegistryError
 from barge.oci import CredentialStore, RegistryClient, RegistryUnreachable
 from barge.oci.transport import Transport
+from clitest import opener, sha
 from registry_fixtures import RunningRegistry, push_image, put_blob
 
 THREADS = 6
 ROUNDS = 12
 DEADLINE = 8.0  # seconds for later rounds of the threaded part, whatever the load
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def opener(data: bytes):  # type: ignore[no-untyped-def]
-    def open_at(offset: int) -> io.BytesIO:
-        f = io.BytesIO(data)
-        f.seek(offset)
-        return f
-
-    return open_at
 
 
 @pytest.fixture

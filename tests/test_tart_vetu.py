@@ -24,16 +24,12 @@ from barge.formats import tart as tartfmt
 from barge.formats import vetu as vetufmt
 from barge.pull import pull
 from barge.store import Store
-from clitest import barge
+from clitest import barge, sha
 from registry_fixtures import OCI_CONFIG, OCI_MANIFEST, RunningRegistry, put_blob, put_manifest
 
 VECTORS = Path(__file__).parent / "testdata" / "apple-lz4"
 KiB = 1024
 MiB = 1 << 20
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def sha_file(path: Path) -> str:

@@ -7,16 +7,13 @@ shares no code with :mod:`barge.disk.applelz4`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lz4.block
 import pytest
 
 from barge.cache import clone_image
@@ -26,7 +23,7 @@ from barge.progress import NullReporter
 from barge.pull import pull
 from barge.push import PushOptions, push
 from barge.store import Store
-from clitest import barge
+from clitest import barge, independent_apple_lz4_decode, sha
 from registry_fixtures import FaultProxy, RunningRegistry
 from test_tart_vetu import push_tart, vector_chunks
 
@@ -34,44 +31,6 @@ MiB = 1 << 20
 TART_DISK = "application/vnd.cirruslabs.tart.disk.v2"
 TART_CONFIG = "application/vnd.cirruslabs.tart.config.v1"
 TART_NVRAM = "application/vnd.cirruslabs.tart.nvram.v1"
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-# -- the independent reader (FORMAT.md §1) ----------------------------------------------------
-
-
-def apple_lz4_decode(data: bytes) -> bytes:
-    out = bytearray()
-    prev = b""
-    pos = 0
-    for _ in range(len(data)):  # bounded: every block consumes at least 4 bytes
-        marker = data[pos : pos + 4]
-        pos += 4
-        if marker == b"bv41":
-            usize, csize = struct.unpack_from("<II", data, pos)
-            pos += 8
-            block = lz4.block.decompress(
-                data[pos : pos + csize], uncompressed_size=usize, dict=prev
-            )
-            assert len(block) == usize
-            pos += csize
-        elif marker == b"bv4-":
-            (usize,) = struct.unpack_from("<I", data, pos)
-            pos += 4
-            block = data[pos : pos + usize]
-            assert len(block) == usize
-            pos += usize
-        elif marker == b"bv4$":
-            assert pos == len(data), "data after the end marker"
-            return bytes(out)
-        else:
-            raise AssertionError(f"unknown marker {marker!r} at {pos - 4}")
-        out += block
-        prev = block
-    raise AssertionError("no end marker")
 
 
 def get(reg: RunningRegistry, path: str, accept: str | None = None) -> bytes:
@@ -101,7 +60,7 @@ def tart_disk_by_order(reg: RunningRegistry, repo: str, doc: dict[str, Any]) -> 
     for layer in doc["layers"]:
         if layer["mediaType"] != TART_DISK:
             continue
-        plain = apple_lz4_decode(blob(reg, repo, layer["digest"]))
+        plain = independent_apple_lz4_decode(blob(reg, repo, layer["digest"]))
         ann = layer["annotations"]
         assert int(ann["org.cirruslabs.tart.uncompressed-size"]) == len(plain)
         assert ann["org.cirruslabs.tart.uncompressed-content-digest"] == sha(plain)
@@ -282,7 +241,7 @@ def test_tart_push_after_barge_push_of_an_unchanged_disk(
     doc = fetch_manifest(registry, "mix/vm", "tart")
     for layer in doc["layers"]:
         if layer["mediaType"] == TART_DISK:
-            data = apple_lz4_decode(blob(registry, "mix/vm", layer["digest"]))
+            data = independent_apple_lz4_decode(blob(registry, "mix/vm", layer["digest"]))
             ann = layer["annotations"]["org.cirruslabs.tart.uncompressed-content-digest"]
             assert ann == sha(data)
     pulled = pull(Store(store.home.parent / "mix-home"), f"{registry.host}/mix/vm:tart")
