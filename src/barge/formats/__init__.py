@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from barge.errors import IntegrityError
+from barge.oci.types import DOCKER_CONFIG, DOCKER_MANIFEST, IMAGE_TYPES, OCI_CONFIG, OCI_MANIFEST
 
 FormatName = Literal["barge", "tart", "vetu", "other"]
 
-OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
-OCI_CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
-DOCKER_CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
-IMAGE_MANIFEST_MEDIA_TYPES = frozenset({OCI_MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE})
-CONFIG_MEDIA_TYPES = frozenset({OCI_CONFIG_MEDIA_TYPE, DOCKER_CONFIG_MEDIA_TYPE})
+# the OCI/Docker media types, under the names the format modules use (defined in barge.oci.types)
+OCI_MANIFEST_MEDIA_TYPE = OCI_MANIFEST
+DOCKER_MANIFEST_MEDIA_TYPE = DOCKER_MANIFEST
+OCI_CONFIG_MEDIA_TYPE = OCI_CONFIG
+DOCKER_CONFIG_MEDIA_TYPE = DOCKER_CONFIG
+IMAGE_MANIFEST_MEDIA_TYPES = IMAGE_TYPES
+CONFIG_MEDIA_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 
 # barge's own format (FORMAT.md §3); the authoritative definitions live with its codec.
 BARGE_ARTIFACT_TYPE = "application/vnd.barge.vm.v1"
