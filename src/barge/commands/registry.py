@@ -13,6 +13,7 @@ from barge.errors import IntegrityError, UsageError
 from barge.oci import CredentialStore, RegistryClient
 from barge.oci.types import Descriptor, Manifest
 from barge.reference import parse, parse_repository
+from barge.untrusted import load_json
 
 SIZE_ANNOTATIONS = (
     "dev.barge.disk.length",
@@ -123,7 +124,11 @@ def _describe(client: RegistryClient, repo: str, m: Manifest) -> dict[str, Any]:
     config_doc: Any = None
     if img.config.size <= MAX_CONFIG:  # a huge config is not shown; the manifest still is
         try:
-            config_doc = json.loads(client.read_blob(repo, img.config.digest, max_size=MAX_CONFIG))
+            config_doc = load_json(
+                client.read_blob(repo, img.config.digest, max_size=MAX_CONFIG),
+                f"config {img.config.digest}",
+                max_size=MAX_CONFIG,
+            )
         except ValueError:
             config_doc = None
     layers = []

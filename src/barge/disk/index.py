@@ -28,6 +28,7 @@ from functools import lru_cache
 from typing import Any
 
 from barge.errors import IntegrityError, UnsupportedError
+from barge.untrusted import load_json
 
 __all__ = [
     "ANNOTATION_DIGEST",
@@ -234,18 +235,15 @@ class FrameIndex:
         (or :class:`UnsupportedError` for an unknown version or hash algorithm)."""
         if len(data) > max_size:
             raise IntegrityError(f"disk index is {len(data)} bytes, over the {max_size} limit")
-        try:
-            obj = json.loads(
-                data,
-                object_pairs_hook=_no_duplicates,
-                parse_float=_no_float,
-                parse_constant=_no_float,
-                parse_int=_bounded_int,
-            )
-        except IntegrityError:
-            raise
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise IntegrityError(f"disk index is not valid JSON: {exc}") from None
+        obj = load_json(
+            data,
+            "disk index",
+            max_size=max_size,
+            object_pairs_hook=_no_duplicates,
+            parse_float=_no_float,
+            parse_constant=_no_float,
+            parse_int=_bounded_int,
+        )
         return cls.from_json(obj)
 
     @classmethod

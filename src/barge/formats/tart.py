@@ -49,6 +49,7 @@ from barge.formats import (
     validate_digest,
     validate_sha256,
 )
+from barge.untrusted import load_json
 
 # Layer media types
 CONFIG_MEDIA_TYPE = "application/vnd.cirruslabs.tart.config.v1"
@@ -253,10 +254,7 @@ def tart_vm_info(config_json: bytes) -> dict[str, Any]:
     what = "Tart VM config"
     if len(config_json) > MAX_VM_CONFIG_SIZE:
         raise IntegrityError(f"{what} is {len(config_json)} bytes, over {MAX_VM_CONFIG_SIZE}")
-    try:
-        obj = json.loads(config_json)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{what} is not valid JSON: {e}") from None
+    obj = load_json(config_json, what, max_size=MAX_VM_CONFIG_SIZE)
     if not isinstance(obj, dict):
         raise IntegrityError(f"{what} is not a JSON object")
     check_int(obj.get("version"), f"{what} version", maximum=1000)

@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from barge.oci.errors import Denied, RegistryResponseError, Unauthorized
+from barge.untrusted import load_json
 
 __all__ = [
     "Authenticator",
@@ -443,7 +444,7 @@ class Authenticator:
                 f"{self.registry}: token server answered HTTP {status}", status=status
             )
         try:
-            doc = json.loads(body)
+            doc = load_json(body, "token answer")
             token = doc.get("token") or doc.get("access_token")
             expires_in = float(doc.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):

@@ -51,6 +51,7 @@ from barge.oci.types import (
     is_digest,
     media_type_of,
 )
+from barge.untrusted import load_json
 
 __all__ = ["BlobReader", "RegistryClient"]
 
@@ -1174,9 +1175,7 @@ def _next_link(header: str | None) -> str | None:
 
 
 def _json(data: bytes, what: str, registry: str) -> Any:
-    import json
-
     try:
-        return json.loads(data)
+        return load_json(data, what)
     except ValueError:
         raise RegistryResponseError(f"{registry}: {what}: answer is not JSON") from None

@@ -12,7 +12,6 @@ Messages never contain credentials, tokens or signed URLs.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +25,7 @@ from barge.errors import (
     UnsupportedError,
     UsageError,
 )
+from barge.untrusted import load_json
 
 __all__ = [
     "BlobUnknown",
@@ -169,7 +169,7 @@ _NUMBER = re.compile(r"\b(\d{1,7})\b")
 
 def _parse_body(body: bytes) -> list[dict[str, Any]]:
     try:
-        doc = json.loads(body.decode("utf-8", "replace"))
+        doc = load_json(body.decode("utf-8", "replace"), "error body")
     except ValueError:
         return []
     if isinstance(doc, dict):

@@ -48,6 +48,7 @@ from barge.errors import (
     UsageError,
 )
 from barge.reference import ReferenceError, validate_tag
+from barge.untrusted import load_json
 
 __all__ = [
     "IMAGE_LAYOUT_VERSION",
@@ -202,10 +203,7 @@ def _verifying(raw: IO[bytes], digest: str, size: int | None, what: str) -> Bina
 
 def _parse_index(data: bytes, where: str) -> dict[str, Any]:
     """Parse and validate index.json; every descriptor gets a checked digest and size."""
-    try:
-        index = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{where}: index.json is not valid JSON ({e})") from None
+    index = load_json(data, f"{where}: index.json", max_size=MAX_INDEX_SIZE)
     if not isinstance(index, dict):
         raise IntegrityError(f"{where}: index.json is not a JSON object")
     if index.get("schemaVersion", 2) != 2:
@@ -237,10 +235,7 @@ def _parse_index(data: bytes, where: str) -> dict[str, Any]:
 
 
 def _check_oci_layout(data: bytes, where: str) -> None:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise IntegrityError(f"{where}: oci-layout is not valid JSON") from None
+    doc = load_json(data, f"{where}: oci-layout")
     version = doc.get("imageLayoutVersion") if isinstance(doc, dict) else None
     if version != IMAGE_LAYOUT_VERSION:
         raise UnsupportedError(

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from barge.untrusted import load_json
+
 __all__ = [
     "DOCKER_MANIFEST",
     "DOCKER_MANIFEST_LIST",
@@ -257,7 +259,9 @@ class Manifest:
         return self.media_type in INDEX_TYPES
 
     def json(self) -> Any:
-        return json.loads(self.data)
+        """The parsed manifest; :class:`~barge.untrusted.JSONError` (a ``ValueError``) if it
+        is not JSON or nested or sized beyond the bounds of :func:`~barge.untrusted.load_json`."""
+        return load_json(self.data, f"manifest {self.digest}")
 
     def image(self) -> ImageManifest:
         """The parsed image manifest; ValueError if this is an index or malformed."""
@@ -281,7 +285,7 @@ def media_type_of(data: bytes, content_type: str | None) -> str:
     """The manifest's media type: its own ``mediaType`` field, else the Content-Type header."""
     ct = (content_type or "").split(";")[0].strip()
     try:
-        doc = json.loads(data)
+        doc = load_json(data, "manifest")
     except ValueError:
         return ct
     if isinstance(doc, dict):

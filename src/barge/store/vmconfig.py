@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from barge.errors import IntegrityError, UsageError
+from barge.untrusted import load_json
 
 SCHEMA_VERSION = 1
 OSES = ("linux", "darwin", "windows")
@@ -82,10 +83,7 @@ class VMConfig:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> VMConfig:
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise IntegrityError(f"VM config is not valid JSON: {e}") from None
+        doc = load_json(data, "VM config")
         if not isinstance(doc, dict):
             raise IntegrityError("VM config is not a JSON object")
         return cls(doc)
