@@ -19,18 +19,28 @@ import click
 
 from barge import __version__
 from barge.errors import BargeError, ExitCode
+from barge.untrusted import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def emit_json(obj: Any) -> None:
-    """Print one JSON document on stdout."""
-    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+    """Print one JSON document on stdout (ASCII only: control characters and lone surrogates
+    from image content are JSON escapes)."""
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=True))
+
+
+def echo(text: str, *, err: bool = False) -> None:
+    """Print one line. Every command prints through this: what came from an image, a registry
+    or a layout (annotations, names, error messages quoting them) is escaped by
+    :func:`barge.untrusted.printable`, so it can neither forge output lines nor break the
+    terminal or the encoding half-way."""
+    click.echo(printable(text), err=err)
 
 
 def warn(message: str) -> None:
     """One informational line on stderr (never on stdout, which is for results)."""
-    click.echo(f"barge: {message}", err=True)
+    echo(f"barge: {message}", err=True)
 
 
 format_option = click.option(
@@ -51,28 +61,28 @@ class BargeGroup(click.Group):
         try:
             return super().invoke(ctx)
         except BargeError as e:
-            click.echo(f"barge: error: {e.message}", err=True)
+            echo(f"barge: error: {e.message}", err=True)
             if e.hint:
-                click.echo(f"barge: hint: {e.hint}", err=True)
+                echo(f"barge: hint: {e.hint}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("barge: interrupted", err=True)
+            echo("barge: interrupted", err=True)
             ctx.exit(ExitCode.INTERRUPTED)
         except OSError as e:
             if debug:
                 raise
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                click.echo(f"barge: error: no space left on device: {e.filename or ''}", err=True)
+                echo(f"barge: error: no space left on device: {e.filename or ''}", err=True)
                 ctx.exit(ExitCode.NO_SPACE)
             where = f": {e.filename}" if e.filename else ""
-            click.echo(f"barge: error: {e.strerror or e}{where}", err=True)
+            echo(f"barge: error: {e.strerror or e}{where}", err=True)
             ctx.exit(ExitCode.FAILURE)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as e:  # a bug: one line, no traceback unless asked for
             if debug:
                 raise
-            click.echo(
+            echo(
                 f"barge: internal error: {type(e).__name__}: {e} (set BARGE_DEBUG=1 for details)",
                 err=True,
             )

@@ -12,6 +12,8 @@ import sys
 import threading
 from typing import Any, Protocol
 
+from barge.untrusted import printable
+
 
 class Task(Protocol):
     def advance(self, n: int) -> None: ...
@@ -112,6 +114,7 @@ class ConsoleReporter:
     def note(self, message: str) -> None:
         if self.quiet:
             return
+        message = printable(message)  # notes quote image content: one line, always
         if self._console is not None:
             self._console.print(f"barge: {message}", markup=False, highlight=False)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from barge.cli import emit_json, format_option, main
+from barge.cli import echo, emit_json, format_option, main
 from barge.disk.sizing import format_size as fmt_size
 from barge.errors import ExitCode
 from barge.progress import ConsoleReporter
@@ -71,16 +71,16 @@ def copy(
     else:
         s = res.stats
         if not quiet:
-            click.echo(
+            echo(
                 f"copied {s.manifests} manifests: {s.copied_blobs} blobs / "
                 f"{fmt_size(s.copied_bytes)} sent, {s.existing_blobs} already there, "
                 f"{s.mounted_blobs} mounted",
                 err=True,
             )
         for img in res.images:
-            click.echo(img.destination)
+            echo(img.destination)
         for v in res.verified:
-            click.echo(v.verdict())
+            echo(v.verdict())
     if bad:
         click.get_current_context().exit(ExitCode.INTEGRITY)
 
@@ -103,7 +103,7 @@ def tag(reference: str, new_tags: tuple[str, ...], insecure: bool, fmt: str) -> 
         emit_json(res.to_json())
         return
     for ref in res.references:
-        click.echo(f"{ref}@{res.digest}")
+        echo(f"{ref}@{res.digest}")
 
 
 @main.command()
@@ -154,10 +154,10 @@ def verify(
     if fmt == "json":
         emit_json(rep.to_json())
     else:
-        click.echo(rep.verdict())
+        echo(rep.verdict())
         if not rep.ok:
             for f in rep.faults[1:]:
-                click.echo(f"  also: {f}", err=True)
+                echo(f"  also: {f}", err=True)
     if not rep.ok:
         click.get_current_context().exit(ExitCode.INTEGRITY)
 
@@ -206,7 +206,7 @@ def export(
     if fmt == "json":
         emit_json(res)
         return
-    click.echo(f"{res['destination']}@{res['digest']}")
+    echo(f"{res['destination']}@{res['digest']}")
 
 
 @main.command("import")
@@ -234,4 +234,4 @@ def import_(
     if fmt == "json":
         emit_json(res)
         return
-    click.echo(f"imported {res['source']}@{res['digest']} as {name}")
+    echo(f"imported {res['source']}@{res['digest']} as {name}")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
 import click
 
-from barge.cli import emit_json, format_option, main
+from barge.cli import echo, emit_json, format_option, main
 from barge.errors import IntegrityError, UsageError
 from barge.oci import CredentialStore, RegistryClient
 from barge.oci.types import Descriptor, Manifest
@@ -62,7 +61,7 @@ def login(host: str, username: str | None, password_stdin: bool, insecure: bool)
     ) as client:
         client.ping()
     CredentialStore().save(registry, username, password)
-    click.echo(f"Login succeeded for {registry} as {username}")
+    echo(f"Login succeeded for {registry} as {username}")
 
 
 @main.command()
@@ -71,9 +70,9 @@ def logout(host: str) -> None:
     """Forget the credentials stored for a registry."""
     registry = _registry_host(host)
     if CredentialStore().remove(registry):
-        click.echo(f"Removed credentials for {registry}")
+        echo(f"Removed credentials for {registry}")
     else:
-        click.echo(f"barge: not logged in to {registry}", err=True)
+        echo(f"barge: not logged in to {registry}", err=True)
 
 
 def _uncompressed(desc: Descriptor) -> int | None:
@@ -187,28 +186,28 @@ def inspect(ref: str, raw: bool, insecure: bool, fmt: str) -> None:
     if fmt == "json":
         emit_json(info)
         return
-    click.echo(f"Reference:  {info['reference']}")
-    click.echo(f"Digest:     {info['digest']}")
-    click.echo(f"Media type: {info['mediaType']}")
+    echo(f"Reference:  {info['reference']}")
+    echo(f"Digest:     {info['digest']}")
+    echo(f"Media type: {info['mediaType']}")
     if "manifests" in info:
-        click.echo("Manifests:")
+        echo("Manifests:")
         for d in info["manifests"]:
-            click.echo(f"  {d['platform'] or '-':<20} {d['digest']}  {_human(d['size'])}")
+            echo(f"  {d['platform'] or '-':<20} {d['digest']}  {_human(d['size'])}")
         return
-    click.echo(f"Config:     {info['config']['mediaType']} {info['config']['digest']}")
-    click.echo(f"Platform:   {info['platform'] or '-'}")
-    click.echo(
+    echo(f"Config:     {info['config']['mediaType']} {info['config']['digest']}")
+    echo(f"Platform:   {info['platform'] or '-'}")
+    echo(
         f"Size:       {_human(info['compressedSize'])} compressed, "
         f"{_human(info['uncompressedSize'])} uncompressed"
     )
     if info["annotations"]:
-        click.echo("Annotations:")
+        echo("Annotations:")
         for k, v in sorted(info["annotations"].items()):
-            click.echo(f"  {k}={v}")
-    click.echo(f"Layers ({len(info['layers'])}):")
-    click.echo(f"  {'#':>3}  {'SIZE':>10}  {'UNCOMPRESSED':>12}  {'DIGEST':<19}  MEDIA TYPE")
+            echo(f"  {k}={v}")
+    echo(f"Layers ({len(info['layers'])}):")
+    echo(f"  {'#':>3}  {'SIZE':>10}  {'UNCOMPRESSED':>12}  {'DIGEST':<19}  MEDIA TYPE")
     for i, layer in enumerate(info["layers"]):
-        click.echo(
+        echo(
             f"  {i:>3}  {_human(layer['size']):>10}  {_human(layer['uncompressedSize']):>12}  "
             f"{layer['digest'][:19]:<19}  {layer['mediaType']}"
         )
@@ -227,4 +226,4 @@ def tags(repo: str, insecure: bool, fmt: str) -> None:
         emit_json({"repository": r.name, "tags": found})
         return
     for t in found:
-        click.echo(t)
+        echo(t)

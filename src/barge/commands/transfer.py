@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from barge.cli import emit_json, format_option, main
+from barge.cli import echo, emit_json, format_option, main
 from barge.disk.sizing import format_size as fmt_size
 from barge.errors import UsageError
 from barge.progress import ConsoleReporter
@@ -118,8 +118,8 @@ def push(
             emit_json(ires.to_json())
             return
         for vm_name, plat, r in ires.entries:
-            click.echo(f"pushed {vm_name} ({plat}) as {r.digest}", err=True)
-        click.echo(f"{ires.reference}@{ires.digest}")
+            echo(f"pushed {vm_name} ({plat}) as {r.digest}", err=True)
+        echo(f"{ires.reference}@{ires.digest}")
         return
     if not references:
         raise UsageError("give at least one destination reference (or --index REF)")
@@ -132,14 +132,14 @@ def push(
         return
     if not quiet:
         s = res.stats
-        click.echo(
+        echo(
             f"pushed {name}: {res.layers} layers ({fmt_size(res.chunk_size)} chunks), "
             f"uploaded {s.uploaded_blobs} blobs / {fmt_size(s.uploaded_bytes)}, "
             f"{s.existing_blobs} already there, {s.mounted_blobs} mounted",
             err=True,
         )
     for ref in res.references:
-        click.echo(f"{ref}@{res.digest}" if not quiet else res.digest)
+        echo(f"{ref}@{res.digest}" if not quiet else res.digest)
 
 
 @main.command()
@@ -172,12 +172,12 @@ def pull(
         emit_json(res.to_json())
         return
     if res.up_to_date:
-        click.echo(f"{reference} is up to date ({res.digest})")
+        echo(f"{reference} is up to date ({res.digest})")
         return
     s = res.stats
     if not quiet:
-        click.echo(
+        echo(
             f"fetched {fmt_size(s.fetched_bytes)}, reused {fmt_size(s.reused_bytes)} from local data",
             err=True,
         )
-    click.echo(f"pulled {reference}@{res.digest}")
+    echo(f"pulled {reference}@{res.digest}")

@@ -9,9 +9,10 @@ from typing import Any
 import click
 
 from barge import local
-from barge.cli import emit_json, format_option, main
+from barge.cli import echo, emit_json, format_option, main
 from barge.store import Store
 from barge.units import format_size, parse_size
+from barge.untrusted import printable
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -28,25 +29,25 @@ def _ago(seconds: float) -> str:
 
 
 def _print_vm(info: dict[str, Any]) -> None:
-    click.echo(f"name:     {info['name']}")
-    click.echo(f"source:   {info['source']}")
+    echo(f"name:     {info['name']}")
+    echo(f"source:   {info['source']}")
     if info.get("reference"):
-        click.echo(f"ref:      {info['reference']}")
+        echo(f"ref:      {info['reference']}")
     if info.get("digest"):
-        click.echo(f"digest:   {info['digest']}")
-    click.echo(f"platform: {info['os']}/{info['arch']}")
-    click.echo(f"cpus:     {info['cpus']}")
-    click.echo(f"memory:   {format_size(info['memory'])}")
+        echo(f"digest:   {info['digest']}")
+    echo(f"platform: {info['os']}/{info['arch']}")
+    echo(f"cpus:     {info['cpus']}")
+    echo(f"memory:   {format_size(info['memory'])}")
     if info.get("macAddress"):
-        click.echo(f"mac:      {info['macAddress']}")
+        echo(f"mac:      {info['macAddress']}")
     for d in info["disks"]:
-        click.echo(
+        echo(
             f"disk:     {d['name']}  {format_size(d['size'])} "
             f"({format_size(d.get('allocated', 0))} allocated)"
         )
-    click.echo(f"on disk:  {format_size(info['sizeOnDisk'])}")
+    echo(f"on disk:  {format_size(info['sizeOnDisk'])}")
     if info.get("state"):
-        click.echo(f"state:    {info['state']}")
+        echo(f"state:    {info['state']}")
 
 
 @main.command()
@@ -90,7 +91,7 @@ def create(
     if fmt == "json":
         emit_json(local.vm_info(store, vm))
     else:
-        click.echo(f"created {vm.name} ({format_size(vm.config.disks[0].size)} disk)")
+        echo(f"created {vm.name} ({format_size(vm.config.disks[0].size)} disk)")
 
 
 @main.command(name="get")
@@ -123,7 +124,7 @@ def set_cmd(name: str, cpus: int | None, memory: int | None, disk_size: int | No
     if cpus is None and memory is None and disk_size is None:
         raise click.UsageError("nothing to change: give --cpus, --memory or --disk-size")
     local.set_vm(Store(), name, cpus=cpus, memory=memory, disk_size=disk_size)
-    click.echo(f"updated {name}")
+    echo(f"updated {name}")
 
 
 @main.command()
@@ -132,7 +133,7 @@ def set_cmd(name: str, cpus: int | None, memory: int | None, disk_size: int | No
 def rename(old: str, new: str) -> None:
     """Rename a local VM."""
     local.rename_vm(Store(), old, new)
-    click.echo(f"renamed {old} to {new}")
+    echo(f"renamed {old} to {new}")
 
 
 def clone_local(src: str, dst: str) -> None:
@@ -142,12 +143,12 @@ def clone_local(src: str, dst: str) -> None:
         if res.method == "reflink"
         else f"sparse copy, {format_size(res.bytes_written)} written"
     )
-    click.echo(f"cloned {src} to {dst} ({how})")
+    echo(f"cloned {src} to {dst} ({how})")
 
 
 def delete_local(name: str) -> None:
     local.delete_vm(Store(), name)
-    click.echo(f"deleted {name}")
+    echo(f"deleted {name}")
 
 
 def list_local(store: Store) -> list[dict[str, Any]]:
@@ -175,29 +176,32 @@ def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
         return
     if quiet:
         for r in rows:
-            click.echo(r.get("reference") or r["name"])
+            echo(r.get("reference") or r["name"])
         return
     if not rows:
         return
     header = ("SOURCE", "NAME", "PLATFORM", "DISK", "ON DISK", "DIGEST", "STATE / LAST USED")
-    table = [header]
+    table: list[tuple[str, ...]] = [header]
     now = time.time()
     for r in rows:
         digest = str(r.get("digest") or "")
         table.append(
-            (
-                r["source"],
-                r.get("reference") or r["name"],
-                f"{r['os']}/{r['arch']}",
-                format_size(sum(d["size"] for d in r["disks"])),
-                format_size(r["sizeOnDisk"]),
-                digest.removeprefix("sha256:")[:12],
-                _ago(now - r["lastUsed"]) if r.get("lastUsed") else r.get("state", ""),
+            tuple(  # escaped before the widths are measured
+                printable(str(c))
+                for c in (
+                    r["source"],
+                    r.get("reference") or r["name"],
+                    f"{r['os']}/{r['arch']}",
+                    format_size(sum(d["size"] for d in r["disks"])),
+                    format_size(r["sizeOnDisk"]),
+                    digest.removeprefix("sha256:")[:12],
+                    _ago(now - r["lastUsed"]) if r.get("lastUsed") else r.get("state", ""),
+                )
             )
         )
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     for row in table:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 @main.command()
@@ -232,7 +236,7 @@ def clone(
     finally:
         reporter.close()
     how = "copy-on-write" if cloned.method == "reflink" else "sparse copy"
-    click.echo(f"cloned {source}@{res.digest} to {name} ({how})")
+    echo(f"cloned {source}@{res.digest} to {name} ({how})")
 
 
 @main.command()
@@ -245,7 +249,7 @@ def delete(names: tuple[str, ...]) -> None:
     for n in names:
         if looks_like_reference(n):
             for ref in delete_cached(Store(), n):
-                click.echo(f"deleted {ref}")
+                echo(f"deleted {ref}")
         else:
             delete_local(n)
 
@@ -271,6 +275,6 @@ def prune(older_than: float | None, space_budget: str | None, dry_run: bool, fmt
         return
     verb = "would remove" if dry_run else "removed"
     for r in removed:
-        click.echo(f"{verb} {r.digest} ({format_size(r.size_on_disk)})")
+        echo(f"{verb} {r.digest} ({format_size(r.size_on_disk)})")
     freed = sum(r.size_on_disk for r in removed)
-    click.echo(f"{verb} {len(removed)} images, {format_size(freed)}")
+    echo(f"{verb} {len(removed)} images, {format_size(freed)}")
