@@ -5,17 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from barge.disk.sparse import allocated_bytes
+from barge.endpoints import cached_ref_text, parse_location
 from barge.errors import ConflictError, NotFoundError
 from barge.local import CloneResult, clone_dir
 from barge.progress import Reporter
 from barge.pull import PullOptions, PullResult, pull
-from barge.reference import parse
 from barge.store import Store, VMConfig, validate_vm_name
 from barge.store.catalog import ImageRow
-
-
-def _ref_string(registry: str, repository: str, tag: str, digest: str) -> str:
-    return f"{registry}/{repository}:{tag}" if tag else f"{registry}/{repository}@{digest}"
 
 
 def cached_image_info(store: Store, img: ImageRow) -> list[dict[str, Any]]:
@@ -26,7 +22,9 @@ def cached_image_info(store: Store, img: ImageRow) -> list[dict[str, Any]]:
     except (OSError, ValueError, Exception):
         return []
     refs = store.catalog.refs(img.digest)
-    names = [_ref_string(r.registry, r.repository, r.tag, r.digest) for r in refs] or [img.digest]
+    names = [cached_ref_text(r.registry, r.repository, r.tag, r.digest) for r in refs] or [
+        img.digest
+    ]
     rows = []
     for name in names:
         rows.append(
@@ -59,7 +57,7 @@ def cached_info(store: Store, ref_text: str) -> dict[str, Any]:
     img = store.catalog.get_image(rows[0][3])
     if img is None:
         raise NotFoundError(f"no cached image {ref_text!r}")
-    want = _ref_string(*rows[0])
+    want = cached_ref_text(*rows[0])
     for info in cached_image_info(store, img):
         if info["reference"] == want:
             info["disks"] = [
@@ -109,17 +107,21 @@ def clone_image(
 
 
 def find_cached(store: Store, ref_text: str) -> list[tuple[str, str, str, str]]:
-    """(registry, repository, tag, digest) rows of the cache matching a reference."""
-    ref = parse(ref_text)
+    """(registry, repository, tag, digest) rows of the cache matching a reference: a registry
+    reference or an OCI layout location (``oci:PATH[:tag]``, ``oci-archive:FILE[:tag]``, the
+    path as typed or in the absolute form ``list`` shows)."""
+    loc = parse_location(ref_text, allow_vm=False)
+    registry, repository, tag = loc.cache_key()
+    digest = loc.ref.digest if loc.ref is not None else None
     rows = []
     for r in store.catalog.refs():
-        if r.registry != ref.registry or r.repository != ref.repository:
+        if r.registry != registry or r.repository != repository:
             continue
-        if ref.digest and r.digest != ref.digest:
+        if digest and r.digest != digest:
             continue
-        if ref.tag and r.tag != ref.tag:
+        if tag and r.tag != tag:
             continue
-        if not ref.tag and not ref.digest and r.tag not in ("", "latest"):
+        if not tag and not digest and r.tag not in ("", "latest"):
             continue
         rows.append((r.registry, r.repository, r.tag, r.digest))
     return rows
@@ -138,4 +140,4 @@ def delete_cached(store: Store, ref_text: str) -> list[str]:
     orphans = digests - still
     if orphans:
         store.gc(only=orphans)
-    return [_ref_string(*r) for r in rows]
+    return [cached_ref_text(*r) for r in rows]

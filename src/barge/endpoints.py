@@ -9,16 +9,18 @@ the disk codec at the edges (push encodes, pull decodes).
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
-from barge.errors import NotFoundError
+from barge.errors import NotFoundError, UsageError
 from barge.oci.client import RegistryClient
 from barge.oci.types import Manifest, media_type_of, sha256_digest
 from barge.reference import Reference, looks_like_reference, parse
 from barge.store import Store
+from barge.untrusted import printable
 
 OpenAt = Callable[[int], BinaryIO]
 
@@ -223,6 +225,24 @@ def _skip(f: BinaryIO, n: int) -> None:
         n -= len(piece)
 
 
+#: The kinds of OCI layout locations. In the catalog a cached image pulled from a layout is
+#: keyed (registry = the kind, repository = the layout's absolute path, tag): no registry
+#: reference is ever spelt "oci" or "oci-archive" (a name without '.' or ':' is a repository
+#: on docker.io), so the two never meet.
+LAYOUT_KINDS = ("oci", "oci-archive")
+
+
+def layout_key(path: Path | str) -> str:
+    """The stable name of a layout path: absolute and normalised (``.``, ``..`` and repeated
+    or trailing ``/`` resolved lexically, as typed; symbolic links are not followed)."""
+    text = os.path.abspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"the path {printable(text)} is not valid UTF-8") from None
+    return text
+
+
 @dataclass(frozen=True)
 class Location:
     kind: str  # "vm" | "registry" | "oci" | "oci-archive"
@@ -237,6 +257,30 @@ class Location:
         if self.kind == "registry":
             return str(self.ref)
         return f"{self.kind}:{self.path}" + (f":{self.tag}" if self.tag else "")
+
+    def cache_key(self) -> tuple[str, str, str]:
+        """(registry, repository, tag) as the catalog keys an image pulled from here; the tag
+        is "" when none was given (a digest, if any, is ``ref.digest``)."""
+        if self.kind == "registry":
+            assert self.ref is not None
+            return self.ref.registry, self.ref.repository, self.ref.tag or ""
+        if self.kind in LAYOUT_KINDS:
+            assert self.path is not None
+            return self.kind, layout_key(self.path), self.tag or ""
+        raise UsageError(f"{self} is a local VM, not an image location")
+
+
+def cached_ref_text(registry: str, repository: str, tag: str, digest: str) -> str:
+    """The one spelling of a cached reference: ``list`` shows it, and ``get``, ``verify``,
+    ``clone``, ``delete`` and ``pull`` take it back (:func:`parse_location` reads it as the same
+    :meth:`Location.cache_key`)."""
+    if registry in LAYOUT_KINDS:
+        text = f"{registry}:{repository}"
+        if tag:
+            return f"{text}:{tag}"
+        # a path whose last ':' is followed by something tag-like needs the empty tag ("…:")
+        return text if parse_location(text).tag is None else f"{text}:"
+    return f"{registry}/{repository}:{tag}" if tag else f"{registry}/{repository}@{digest}"
 
 
 def parse_location(text: str, *, allow_vm: bool = True) -> Location:

@@ -176,7 +176,8 @@ class Puller:
         if loc.kind in ("oci", "oci-archive"):
             assert loc.path is not None
             lend = LayoutEnd(loc.path, loc.tag, archive=loc.kind == "oci-archive")
-            return lend, loc.kind, str(loc.path.absolute()), loc.tag or "", loc.tag or "latest"
+            kind, where, tag = loc.cache_key()  # absolute, normalised: one name everywhere
+            return lend, kind, where, tag, loc.tag or "latest"
         raise UsageError(f"cannot pull {text!r}")
 
     def pull(self, text: str, *, hold: str | None = None) -> PullResult:

@@ -127,7 +127,7 @@ def import_image(
 
         raise NotFoundError(f"no OCI layout at {loc.path}")
     cat = store.catalog
-    where = str(loc.path.absolute())
+    _, where, _ = loc.cache_key()
     ok = False
     try:
         res, _cloned = clone_image(

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 from barge.disk.index import ChunkMeta, FrameIndex, zero_digest
 from barge.disk.sparse import data_extents
-from barge.endpoints import End, LayoutEnd, RegistryEnd
+from barge.endpoints import LAYOUT_KINDS, End, LayoutEnd, RegistryEnd
 from barge.errors import IntegrityError, NotFoundError, UnsupportedError
 from barge.oci.types import Descriptor, Manifest
 from barge.progress import NullReporter, Reporter, Task
@@ -447,7 +447,7 @@ def verify(
         vm = store.get_vm(loc.name)
         with store.lock_vm(vm.name, shared=True):
             return verify_dir(vm.path, text, "vm")
-    if loc.kind == "registry" and not remote:
+    if loc.kind in ("registry", *LAYOUT_KINDS) and not remote:  # the cached copy, if any
         from barge.cache import find_cached
 
         rows = find_cached(store, text)

@@ -112,7 +112,7 @@ def tag(reference: str, new_tags: tuple[str, ...], insecure: bool, fmt: str) -> 
 @click.option(
     "--remote",
     is_flag=True,
-    help="Check the image in the registry even when the reference is cached.",
+    help="Check the image in the registry (or OCI layout) even when the reference is cached.",
 )
 @click.option("--platform", help="Verify only this OS/ARCH of a multi-platform index.")
 @_concurrency

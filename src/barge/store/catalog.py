@@ -223,9 +223,11 @@ class Catalog:
             db.execute("DELETE FROM refs WHERE digest = ?", (digest,))
 
     def set_ref(self, registry: str, repository: str, tag: str, digest: str) -> None:
-        """Point (registry, repository, tag) at digest; a tag moves, a digest ref is added."""
+        """Point (registry, repository, tag) at digest; a tag moves, a digest ref is added.
+        An OCI layout location (registry "oci"/"oci-archive") has no digest form, so its
+        untagged reference moves like a tag."""
         with self.tx() as db:
-            if tag:
+            if tag or registry in ("oci", "oci-archive"):
                 db.execute(
                     "DELETE FROM refs WHERE registry = ? AND repository = ? AND tag = ?",
                     (registry, repository, tag),
