@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 import os
 import tracemalloc
 from typing import Any
@@ -94,7 +95,7 @@ def test_initramfs_optional_kernel_required() -> None:
 @pytest.mark.parametrize(
     "name",
     ["", ".", "..", "../disk.img", "a/b", "/etc/passwd", ".hidden", "a\\b", "a\x00b", "a b",
-     "x" * 300, "config.json", "kernel"],
+     "x" * 300, "config.json", "kernel", "disk.", "a+b", "disk\n", "vetu-config.json"],
 )  # fmt: skip
 def test_unsafe_disk_names_rejected(name: str) -> None:
     m = manifest()
@@ -143,11 +144,66 @@ def test_disk_total_bounded() -> None:
         vetu.parse_vetu_manifest(m)
 
 
-def test_unknown_media_type_refused() -> None:
+@pytest.mark.parametrize("name", ["-disk", "_disk", "a..b", "d-1_x.img", "x" * 255, "9"])
+def test_vetu_simplename_disk_names_accepted(name: str) -> None:
+    # internal/name/simplename: [A-Za-z0-9-_], and '.' only in the middle
     m = manifest()
-    m["layers"].append(layer("application/vnd.cirruslabs.vetu.firmware.v9", "fw"))
-    with pytest.raises(UnsupportedError, match="vetu.firmware.v9"):
-        vetu.parse_vetu_manifest(m)
+    m["layers"][3]["annotations"][vetu.NAME_ANNOTATION] = name
+    assert name in [d.name for d in vetu.parse_vetu_manifest(m).disks]
+
+
+def test_unknown_media_type_ignored_as_vetu_does() -> None:
+    m = manifest()
+    m["layers"].insert(1, layer("application/vnd.cirruslabs.vetu.firmware.v9", "fw"))
+    img = vetu.parse_vetu_manifest(m)
+    assert img.ignored == ("application/vnd.cirruslabs.vetu.firmware.v9",)
+    assert img.disks == vetu.parse_vetu_manifest(manifest()).disks
+
+
+def test_zero_length_chunk_of_an_empty_disk() -> None:
+    # internal/chunker: Close() emits one chunk even when nothing was written (an empty disk)
+    m = manifest()
+    m["layers"].append(disk("empty.img", 0, 0))
+    img = vetu.parse_vetu_manifest(m)
+    empty = [d for d in img.disks if d.name == "empty.img"][0]
+    assert empty.size == 0 and [(c.offset, c.size) for c in empty.chunks] == [(0, 0)]
+
+
+def vm_config(**kw: Any) -> bytes:
+    cfg: dict[str, Any] = {"version": 1, "arch": "arm64", "disks": [{"name": "disk.img"}]}
+    cfg.update(kw)
+    return json.dumps({k: v for k, v in cfg.items() if v is not None}).encode()
+
+
+def test_vetu_vm_config_rules() -> None:
+    vm = vetu.vetu_vm_info(
+        vm_config(cpuCount=2, memorySize=1 << 30, macAddress="52:54:00:AA:BB:CC")
+    )
+    assert (vm.arch, vm.disks, vm.cpus, vm.memory, vm.mac) == (
+        "arm64", ("disk.img",), 2, 1 << 30, "52:54:00:aa:bb:cc"
+    )  # fmt: skip
+    # vmconfig.NewFromJSON: an empty arch and any version but 1 are refused
+    for bad in (vm_config(arch=None), vm_config(arch="")):
+        with pytest.raises(IntegrityError, match="no arch"):
+            vetu.vetu_vm_info(bad)
+    for version in (None, 2):
+        with pytest.raises(UnsupportedError, match="version"):
+            vetu.vetu_vm_info(vm_config(version=version))
+    with pytest.raises(IntegrityError, match="disk name"):
+        vetu.vetu_vm_info(vm_config(disks=[{"name": ".x"}]))
+    with pytest.raises(IntegrityError, match="twice"):
+        vetu.vetu_vm_info(vm_config(disks=[{"name": "a"}, {"name": "a"}]))
+
+
+def test_disk_layers_need_the_config_to_list_them() -> None:
+    img = vetu.parse_vetu_manifest(manifest())
+    vetu.check_disks_listed(
+        img, vetu.vetu_vm_info(vm_config(disks=[{"name": "disk.img"}, {"name": "data.img"}]))
+    )
+    # diskpuller: a config without "disks" lists nothing, so every disk layer is refused
+    for cfg in (vm_config(disks=None), vm_config(disks=[{"name": "disk.img"}])):
+        with pytest.raises(IntegrityError, match="does not list"):
+            vetu.check_disks_listed(img, vetu.vetu_vm_info(cfg))
 
 
 # --------------------------------------------------------------------------------------------

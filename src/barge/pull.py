@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import platform as _platform
-import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +54,7 @@ from barge.store import Disk, Store, VMConfig
 from barge.store.catalog import ChunkRow
 from barge.store.store import fsync_tree
 from barge.store.vmconfig import FROM_OCI_ARCH, random_mac
+from barge.untrusted import load_json
 
 MAX_INDEX_BLOB = 256 << 20
 RANGE_GAP = 0  # frames are merged into one Range request only when adjacent
@@ -234,10 +233,7 @@ class Puller:
         repository: str,
         digest: str,
     ) -> tuple[str, str | None]:
-        try:
-            doc = json.loads(manifest.data)
-        except ValueError:
-            raise IntegrityError(f"manifest {digest} is not valid JSON") from None
+        doc = load_json(manifest.data, f"manifest {digest}")
         fmt = detect_format(doc)
         source = {"registry": registry, "repository": repository, "digest": digest, "format": fmt}
         if fmt == "barge":
@@ -548,29 +544,22 @@ class Puller:
         self, end: End, doc: dict[str, Any], staging: Path, source: dict[str, Any]
     ) -> None:
         img = vetufmt.parse_vetu_manifest(doc)
+        if img.ignored:
+            self.note(
+                f"Vetu image: ignored layers of unknown types (as Vetu does): "
+                f"{', '.join(sorted(set(img.ignored)))}"
+            )
         vm_json = _read_small(end, img.vm_config.digest, MAX_SMALL_BLOB)
+        vm = vetufmt.vetu_vm_info(vm_json)
+        vetufmt.check_disks_listed(img, vm)
+        if not img.disks:
+            raise IntegrityError("Vetu image has no disk layers")
         (staging / "vetu-config.json").write_bytes(vm_json)
         (staging / "kernel").write_bytes(_read_small(end, img.kernel.digest, MAX_SMALL_BLOB * 4))
         if img.initramfs is not None:
             (staging / "initramfs").write_bytes(
                 _read_small(end, img.initramfs.digest, MAX_SMALL_BLOB * 8)
             )
-        try:
-            vm = json.loads(vm_json)
-        except ValueError:
-            raise IntegrityError("Vetu VM config is not valid JSON") from None
-        if not isinstance(vm, dict):
-            raise IntegrityError("Vetu VM config is not a JSON object")
-        listed = _vetu_config_disks(vm)
-        for d in img.disks:
-            if listed is not None and d.name not in listed:
-                # Vetu's own pull refuses this too ("not found in the VM's config")
-                raise IntegrityError(
-                    f"Vetu image has disk layers named {d.name!r}, which its VM config does not "
-                    f"list (it lists: {', '.join(listed) or 'none'})"
-                )
-            if d.name in _VETU_RESERVED:
-                raise IntegrityError(f"Vetu disk name {d.name!r} collides with a metadata file")
         disks = []
         for d in img.disks:
             self._decode_streams(
@@ -584,25 +573,19 @@ class Puller:
                 lz4frame.decode_stream,
             )
             disks.append(Disk(d.name, d.size))
-        for name in listed or []:
+        for name in vm.disks:
             if name not in {d.name for d in img.disks}:
                 self.note(f"Vetu VM config lists disk {name!r} but the image has no layer for it")
-        if not disks:
-            raise IntegrityError("Vetu image has no disk layers")
-        arch = str(vm.get("arch", "amd64"))
-        if arch not in FROM_OCI_ARCH:
-            raise UnsupportedError(f"Vetu VM config: unknown arch {arch[:40]!r}")
-        cpus = vm.get("cpuCount", 1)
-        mem = vm.get("memorySize", 1 << 30)
-        mac = vm.get("macAddress")
+        if vm.arch not in FROM_OCI_ARCH:
+            raise UnsupportedError(f"Vetu VM config: unknown arch {vm.arch[:40]!r}")
         cfg = VMConfig.new(
             os_name="linux",
-            arch=FROM_OCI_ARCH[arch],
-            cpus=cpus if isinstance(cpus, int) and cpus > 0 else 1,
-            memory=mem if isinstance(mem, int) and mem > 0 else 1 << 30,
+            arch=FROM_OCI_ARCH[vm.arch],
+            cpus=vm.cpus or 1,
+            memory=vm.memory or 1 << 30,
             disks=disks,
             boot="kernel",
-            mac=mac.lower() if isinstance(mac, str) and _MAC_RE.fullmatch(mac) else None,
+            mac=vm.mac,
         )
         cfg.source = source
         (staging / "config.json").write_bytes(cfg.to_bytes())
@@ -652,28 +635,8 @@ class Puller:
             os.close(fd)
 
 
-_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 #: The chunk-index codec name of a Tart disk layer (one Apple LZ4 stream, no frames).
 TART_CHUNK_CODEC = "applelz4"
-#: Files a pulled Vetu image keeps next to its disks: never a disk name.
-_VETU_RESERVED = frozenset(
-    {"config.json", "manifest.json", "index.json", "vetu-config.json", "kernel", "initramfs"}
-)
-
-
-def _vetu_config_disks(vm: dict[str, Any]) -> list[str] | None:
-    """The disk names a Vetu VM config lists, or None when it lists none (``omitempty``)."""
-    raw = vm.get("disks")
-    if raw is None:
-        return None
-    if not isinstance(raw, list) or not all(
-        isinstance(d, dict) and isinstance(d.get("name"), str) for d in raw
-    ):
-        raise IntegrityError("Vetu VM config: 'disks' must be a list of {\"name\": ...} objects")
-    names = [str(d["name"]) for d in raw]
-    if len(set(names)) != len(names):
-        raise IntegrityError("Vetu VM config lists a disk name twice")
-    return names
 
 
 class _CheckedBlob(io.RawIOBase):

@@ -74,7 +74,7 @@ MAX_CHUNKS = 1 << 20
 DEFAULT_MAX_INDEX_SIZE = 256 << 20
 _CODECS = ("zstd", "lz4", "none")
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._+-]{0,254}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -352,8 +352,8 @@ def validate_disk_name(name: str) -> None:
     """A disk name becomes a file name in a VM directory: allow only a safe, plain name."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise IntegrityError(
-            f"disk name {name!r} is not allowed (letters, digits, '.', '_', '+', '-'; "
-            "at most 128; no path)"
+            f"disk name {name!r} is not allowed (letters, digits, '.', '_', '+', '-', not "
+            "starting with '.'; at most 255; no path)"
         )
 
 

@@ -1,12 +1,24 @@
 """Vetu's VM image format on OCI registries (``shared/FORMAT.md`` §2): read.
 
-Facts from Vetu's public source (``internal/oci/annotations``, ``internal/oci/pull/vetu``,
-``internal/oci/diskpuller``): exactly one VM config layer, exactly one kernel layer, at most
-one initramfs layer, and disk layers (LZ4 *frames*, :mod:`barge.disk.lz4frame`) each annotated
-with the disk's file name, its uncompressed size and uncompressed digest. A disk's chunks are
-placed in layer order *within one disk name*: chunk *i* of disk ``d`` goes at the sum of the
-uncompressed sizes of the earlier chunks of ``d``. Vetu joins the name to the VM directory
-after checking only that the VM config lists it; barge validates it as a safe file name.
+Facts from Vetu's public source (``internal/oci/annotations``, ``internal/oci/pull/vetu/vetu.go``,
+``internal/oci/diskpuller/diskpuller.go``, ``internal/vmconfig/vmconfig.go``,
+``internal/name/simplename/simplename.go``, ``internal/chunker/chunker.go``):
+
+- exactly one VM config layer, exactly one kernel layer, at most one initramfs layer; layers of
+  any other media type are *ignored* (Vetu picks layers by media type), and so they are here;
+- disk layers (LZ4 *frames*, :mod:`barge.disk.lz4frame`) each annotated with the disk's file
+  name, its uncompressed size and uncompressed digest. A disk's chunks are placed in layer order
+  *within one disk name*: chunk *i* of disk ``d`` goes at the sum of the uncompressed sizes of
+  the earlier chunks of ``d``. Vetu's chunker emits one zero-length chunk for an empty disk, so a
+  chunk of size 0 is valid;
+- Vetu joins a disk name to the VM directory after checking that the VM config lists it, and
+  the config's names are ``simplename``s: ``[A-Za-z0-9_-]``, plus ``.`` except first or last.
+  A config without a ``disks`` list lists nothing, so Vetu refuses every disk layer then;
+- the VM config needs ``version`` 1 and a non-empty ``arch``.
+
+Where barge is stricter, on purpose: the uncompressed-digest annotation is required (Vetu's
+pull does not check it; it is barge's only proof of the decoded bytes), and a disk may not be
+called like a file barge keeps next to it (``config.json``, ``kernel``…).
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from barge.formats import (
     validate_sha256,
 )
 from barge.formats.tart import DiskChunk
+from barge.untrusted import load_json
 
 CONFIG_MEDIA_TYPE = "application/vnd.cirruslabs.vetu.config.v1"
 KERNEL_MEDIA_TYPE = "application/vnd.cirruslabs.vetu.kernel.v1"
@@ -41,18 +54,38 @@ CHUNK_SIZE = 500 * 1000 * 1000
 #: Most disks accepted in one image.
 MAX_DISKS = 64
 
-#: A disk name: starts with a letter or digit (so never ``.``, ``..`` or hidden), then letters,
-#: digits, ``.``, ``_``, ``-``, ``+``; at most 255 bytes. No ``/``, ``\\``, NUL or spaces.
-_DISK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+#: Largest Vetu VM config accepted.
+MAX_VM_CONFIG_SIZE = 1 << 20
+#: The only VM config version Vetu reads (``vmconfig.CurrentVersion``).
+VM_CONFIG_VERSION = 1
+
+#: A disk name, Vetu's ``simplename`` rule: letters, digits, ``_``, ``-``, and ``.`` except as
+#: the first or last character (so never ``.``, ``..`` or hidden); at most 255 bytes (a file
+#: name). No ``/``, ``\\``, NUL or spaces.
+_DISK_NAME_RE = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9._-]{0,253}[A-Za-z0-9_-])?")
 #: Names of the other files in a VM directory (Vetu's and barge's), never usable for a disk.
-RESERVED_NAMES = frozenset({"config.json", "kernel", "initramfs", "nvram.bin", "manifest.json"})
+RESERVED_NAMES = frozenset(
+    {
+        "config.json",
+        "kernel",
+        "initramfs",
+        "nvram.bin",
+        "manifest.json",
+        "index.json",
+        "vetu-config.json",
+    }
+)
+_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 
 __all__ = [
     "DISK_MEDIA_TYPE",
     "VetuDisk",
     "VetuImage",
+    "VetuVM",
+    "check_disks_listed",
     "parse_vetu_manifest",
     "validate_disk_name",
+    "vetu_vm_info",
 ]
 
 
@@ -70,6 +103,19 @@ class VetuImage:
     kernel: BlobDescriptor
     initramfs: BlobDescriptor | None
     disks: tuple[VetuDisk, ...]  # in order of first appearance
+    #: media types of the layers Vetu (and so barge) ignores, in layer order
+    ignored: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VetuVM:
+    """What barge takes from Vetu's VM config (``vmconfig.VMConfig``)."""
+
+    arch: str  # Go's GOARCH: amd64, arm64
+    disks: tuple[str, ...]  # the names it lists (empty when it has no "disks")
+    cpus: int | None
+    memory: int | None
+    mac: str | None
 
 
 def validate_disk_name(name: object, what: str = "disk name") -> str:
@@ -79,8 +125,8 @@ def validate_disk_name(name: object, what: str = "disk name") -> str:
     if not _DISK_NAME_RE.fullmatch(name):
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise IntegrityError(
-            f"{what}: unsafe disk name {shown!r} (allowed: letters, digits, '.', '_', '-', '+', "
-            "starting with a letter or digit, at most 255 characters)"
+            f"{what}: unsafe disk name {shown!r} (allowed, as in Vetu: letters, digits, '_', '-', "
+            "and '.' except first or last; at most 255 characters)"
         )
     if name in RESERVED_NAMES:
         raise IntegrityError(f"{what}: disk name {name!r} is reserved")
@@ -97,6 +143,7 @@ def parse_vetu_manifest(manifest: Mapping[str, Any]) -> VetuImage:
     kernels: list[BlobDescriptor] = []
     initramfses: list[BlobDescriptor] = []
     by_name: dict[str, list[DiskChunk]] = {}
+    ignored: list[str] = []
     for i, layer in enumerate(layers):
         mt = layer.media_type
         if mt == CONFIG_MEDIA_TYPE:
@@ -119,8 +166,6 @@ def parse_vetu_manifest(manifest: Mapping[str, Any]) -> VetuImage:
             size = parse_decimal(
                 ann[UNCOMPRESSED_SIZE_ANNOTATION], f"{lw} {UNCOMPRESSED_SIZE_ANNOTATION}"
             )
-            if size == 0:
-                raise IntegrityError(f"{lw} has an uncompressed size of 0")
             digest = validate_sha256(
                 ann[UNCOMPRESSED_DIGEST_ANNOTATION], f"{lw} {UNCOMPRESSED_DIGEST_ANNOTATION}"
             )
@@ -134,7 +179,7 @@ def parse_vetu_manifest(manifest: Mapping[str, Any]) -> VetuImage:
                 raise IntegrityError(f"{what}: disk {name!r} exceeds {MAX_DISK_SIZE} bytes")
             chunks.append(DiskChunk(layer, offset, size, digest))
         else:
-            raise UnsupportedError(f"{what}: layer {i} has unknown media type {mt!r}")
+            ignored.append(mt)  # Vetu selects layers by media type; the rest it never reads
     for mt, found in ((CONFIG_MEDIA_TYPE, vm_configs), (KERNEL_MEDIA_TYPE, kernels)):
         if len(found) != 1:
             raise IntegrityError(f"{what}: expected exactly one {mt} layer, found {len(found)}")
@@ -152,4 +197,56 @@ def parse_vetu_manifest(manifest: Mapping[str, Any]) -> VetuImage:
         kernel=kernels[0],
         initramfs=initramfses[0] if initramfses else None,
         disks=disks,
+        ignored=tuple(ignored),
     )
+
+
+def vetu_vm_info(config_json: bytes) -> VetuVM:
+    """Validate Vetu's VM config as Vetu's ``vmconfig.NewFromJSON`` does (version 1, a
+    non-empty ``arch``, every listed disk name a ``simplename``) and return what barge uses."""
+    what = "Vetu VM config"
+    vm = load_json(config_json, what, max_size=MAX_VM_CONFIG_SIZE)
+    if not isinstance(vm, dict):
+        raise IntegrityError(f"{what} is not a JSON object")
+    version = vm.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise IntegrityError(f"{what}: version must be an integer")
+    if version != VM_CONFIG_VERSION:
+        raise UnsupportedError(
+            f"{what}: version {version} (Vetu reads only version {VM_CONFIG_VERSION})"
+        )
+    arch = vm.get("arch")
+    if not isinstance(arch, str) or not arch:
+        raise IntegrityError(f"{what} has no arch (Vetu refuses such a config too)")
+    raw = vm.get("disks")
+    names: list[str] = []
+    if raw is not None:
+        if not isinstance(raw, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("name"), str) for d in raw
+        ):
+            raise IntegrityError(f"{what}: 'disks' must be a list of {{\"name\": ...}} objects")
+        names = [validate_disk_name(d["name"], f"{what} disks") for d in raw]
+        if len(set(names)) != len(names):
+            raise IntegrityError(f"{what} lists a disk name twice")
+    cpus = vm.get("cpuCount")
+    mem = vm.get("memorySize")
+    mac = vm.get("macAddress")
+    return VetuVM(
+        arch=arch,
+        disks=tuple(names),
+        cpus=cpus if isinstance(cpus, int) and not isinstance(cpus, bool) and cpus > 0 else None,
+        memory=mem if isinstance(mem, int) and not isinstance(mem, bool) and mem > 0 else None,
+        mac=mac.lower() if isinstance(mac, str) and _MAC_RE.fullmatch(mac) else None,
+    )
+
+
+def check_disks_listed(image: VetuImage, vm: VetuVM) -> None:
+    """Vetu's pull refuses a disk layer whose name its VM config does not list (and a config
+    without ``disks`` lists none): so does barge."""
+    for d in image.disks:
+        if d.name not in vm.disks:
+            listed = ", ".join(vm.disks) if vm.disks else "none: it has no 'disks' list"
+            raise IntegrityError(
+                f"Vetu image has disk layers named {d.name!r}, which its VM config does not "
+                f"list (it lists {listed}); Vetu's own pull refuses such an image"
+            )

@@ -19,7 +19,10 @@ SCHEMA_VERSION = 1
 OSES = ("linux", "darwin", "windows")
 ARCHES = ("x86_64", "aarch64")
 BOOT_METHODS = ("uefi", "bios", "kernel")
-_DISK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: A disk file name: letters, digits, '.', '_', '-'; never starting with '.' (so never '.',
+#: '..' or hidden); at most 255 characters. Vetu's disk names (which may start with '_' or '-')
+#: are all of this shape.
+_DISK_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 # OCI platform names <-> barge's arch names
@@ -28,7 +31,7 @@ FROM_OCI_ARCH = {"amd64": "x86_64", "arm64": "aarch64", "x86_64": "x86_64", "aar
 
 
 def validate_disk_name(name: str) -> str:
-    if not isinstance(name, str) or not _DISK_NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _DISK_NAME_RE.fullmatch(name):
         raise IntegrityError(f"invalid disk file name {name!r}")
     return name
 
