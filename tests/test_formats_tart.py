@@ -136,10 +136,21 @@ def test_legacy_disk_v1_refused() -> None:
         tart.parse_tart_manifest(m)
 
 
-def test_unknown_and_stacked_media_types_refused_by_name() -> None:
+def test_unknown_layer_types_ignored_as_tart_does_stacked_refused() -> None:
+    # Tart's pull picks its layers by media type (VMDirectory+OCI.swift) and never reads others
     m = build()
-    m["layers"].append({"mediaType": "application/x-surprise", "digest": sha(b"x"), "size": 1})
-    with pytest.raises(UnsupportedError, match="application/x-surprise"):
+    surprise = {"mediaType": "application/x-surprise", "digest": sha(b"x"), "size": 1}
+    m["layers"].insert(2, surprise)
+    img = tart.parse_tart_manifest(m)
+    assert img.ignored == ("application/x-surprise",)
+    assert img.disk_chunks == tart.parse_tart_manifest(build()).disk_chunks
+    # ...but it needs at least one disk.v2 layer (OCIError.ShouldBeAtLeastOneLayer)
+    m = build()
+    for layer in m["layers"]:
+        if layer["mediaType"] == tart.DISK_V2_MEDIA_TYPE:
+            layer["mediaType"] = "application/vnd.cirruslabs.tart.disk.v3"
+    del m["annotations"]
+    with pytest.raises(IntegrityError, match="at least one"):
         tart.parse_tart_manifest(m)
     m = build()
     m["layers"][1]["mediaType"] = tart.ASIF_OVERLAY_MEDIA_TYPE
@@ -342,7 +353,7 @@ def test_vm_info_real_tart_shape_and_defaults() -> None:
         {"memorySize": 1 << 60},
         {"macAddress": "not-a-mac"},
         {"os": "windows"},
-        {"diskFormat": "qcow2"},
+        {"diskFormat": 7},
         {"version": None},
     ],
 )
@@ -351,6 +362,26 @@ def test_vm_info_hostile(patch: dict[str, Any]) -> None:
     cfg.update(patch)
     with pytest.raises(IntegrityError):
         tart.tart_vm_info(json.dumps(cfg).encode())
+
+
+def test_vm_info_unknown_disk_format_is_raw_as_in_tart() -> None:
+    # VMConfig.swift: DiskImageFormat(rawValue: diskFormatString) ?? .raw
+    cfg = json.loads(tart.build_tart_vm_config("linux", "arm64", 2, 1 << 30, "7a:11:22:33:44:55"))
+    cfg["diskFormat"] = "qcow2"
+    info = tart.tart_vm_info(json.dumps(cfg).encode())
+    assert info["diskFormat"] == "raw" and info["diskFormatUnknown"] == "qcow2"
+
+
+@pytest.mark.parametrize(
+    ("ecid", "model"),
+    [("", "BBBB"), ("AAAA", ""), ("not base64!", "BBBB"), ("AAAA", "QUJD="), ("AAA", "BBBB")],
+)
+def test_macos_config_identity_must_be_base64(ecid: str, model: str) -> None:
+    # Platform/Darwin.swift decodes both with Data(base64Encoded:) and fails otherwise
+    with pytest.raises(IntegrityError, match="base64|missing"):
+        tart.build_tart_vm_config(
+            "darwin", "arm64", 4, 8 << 30, "7a:11:22:33:44:55", ecid=ecid, hardware_model=model
+        )
 
 
 def test_vm_info_not_json() -> None:

@@ -100,8 +100,12 @@ def push_tart(
     udigests: list[str] | None = None,
     os_name: str = "darwin",
     nvram: bytes = b"NVRAM" * 100,
+    vm_config: bytes | None = None,
+    extra_layers: list[bytes] | None = None,
+    extra_type: str = "application/vnd.example.unknown.v1",
 ) -> tuple[bytes, dict[str, Any]]:
-    """Push a Tart-format image; returns (the disk it stands for, the manifest)."""
+    """Push a Tart-format image; returns (the disk it stands for, the manifest).
+    ``extra_layers`` are blobs of media type ``extra_type`` put after the VM config layer."""
     oci_cfg = json.dumps(
         {
             "architecture": "arm64",
@@ -109,7 +113,7 @@ def push_tart(
             "config": {"Labels": {tartfmt.DISK_FORMAT_LABEL: "raw", "org.example.team": "ci"}},
         }
     ).encode()
-    vm_cfg = tart_vm_config(os_name)
+    vm_cfg = vm_config if vm_config is not None else tart_vm_config(os_name)
     layers: list[dict[str, Any]] = [
         {
             "mediaType": tartfmt.CONFIG_MEDIA_TYPE,
@@ -117,6 +121,10 @@ def push_tart(
             "size": len(vm_cfg),
         }
     ]
+    for extra in extra_layers or []:
+        layers.append(
+            {"mediaType": extra_type, "digest": put_blob(reg, repo, extra), "size": len(extra)}
+        )
     disk_layers = []
     off = 0
     for i, c in enumerate(chunks):
@@ -344,17 +352,21 @@ def push_vetu(
     disks: dict[str, list[bytes]],
     *,
     config_disks: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+    extra_layers: list[bytes] | None = None,
 ) -> dict[str, Any]:
-    vm_cfg = json.dumps(
-        {
-            "version": 1,
-            "arch": "arm64",
-            "disks": [{"name": n} for n in (config_disks if config_disks is not None else disks)],
-            "cpuCount": 2,
-            "memorySize": 2 << 30,
-            "macAddress": "52:54:00:AA:BB:CC",
-        }
-    ).encode()
+    """Push a Vetu image; ``config`` updates the VM config (a None value removes the key),
+    ``extra_layers`` are blobs of an unknown media type put after the kernel."""
+    cfg: dict[str, Any] = {
+        "version": 1,
+        "arch": "arm64",
+        "disks": [{"name": n} for n in (config_disks if config_disks is not None else disks)],
+        "cpuCount": 2,
+        "memorySize": 2 << 30,
+        "macAddress": "52:54:00:AA:BB:CC",
+    }
+    cfg.update(config or {})
+    vm_cfg = json.dumps({k: v for k, v in cfg.items() if v is not None}).encode()
     kernel, initramfs = b"\x7fELF kernel" * 1000, b"070701 initramfs" * 500
     oci_cfg = b'{"architecture":"arm64","os":"linux"}'
     layers = [
@@ -374,6 +386,14 @@ def push_vetu(
             "size": len(initramfs),
         },
     ]
+    for extra in extra_layers or []:
+        layers.append(
+            {
+                "mediaType": "application/vnd.cirruslabs.vetu.firmware.v9",
+                "digest": put_blob(reg, repo, extra),
+                "size": len(extra),
+            }
+        )
     for name, parts in disks.items():
         for part in parts:
             comp = lz4.frame.compress(part)

@@ -95,7 +95,7 @@ def vm(barge_home: Path, tmp_path: Path) -> tuple[Store, bytes]:
     return store, disk
 
 
-TART_1M = PushOptions(chunk_size=1 * MiB, format="tart")
+TART_1M = PushOptions(chunk_size=1 * MiB, format="tart", placeholder_nvram=True)
 
 
 def test_push_tart_read_by_independent_reader(
@@ -132,7 +132,7 @@ def test_push_tart_read_by_independent_reader(
     # the CLI spelling; nothing is compressed again (the chunk index knows every chunk)
     out = barge(
         "push", "vm", f"{registry.host}/t/vm:v2", "--format", "tart", "--chunk-size", "1M",
-        "--format", "json",
+        "--format", "json", "--placeholder-nvram",
     )  # fmt: skip
     again = json.loads(out)
     assert again["compressedChunks"] == 0 and again["uploadedBytes"] == 0

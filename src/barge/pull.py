@@ -492,8 +492,20 @@ class Puller:
             self.note(
                 "Tart image without offsets: disk chunks placed by layer order (as Tart does)"
             )
+        elif img.reordered:
+            self.note(f"warning: {tartfmt.REORDERED_MESSAGE}; `barge verify` fails it")
+        if img.ignored:
+            self.note(
+                "Tart image: ignored layers of unknown types (as Tart does): "
+                f"{', '.join(sorted(set(img.ignored)))}"
+            )
         vm_json = _read_small(end, img.vm_config.digest, tartfmt.MAX_VM_CONFIG_SIZE)
         info = tartfmt.tart_vm_info(vm_json)
+        if "diskFormatUnknown" in info:
+            self.note(
+                f"Tart VM config: unknown diskFormat {info['diskFormatUnknown'][:40]!r} read as "
+                "raw (as Tart does)"
+            )
         nvram = _read_small(end, img.nvram.digest, MAX_SMALL_BLOB)
         oci_cfg = _read_small(end, img.config.digest, MAX_SMALL_BLOB)
         (staging / "tart-config.json").write_bytes(vm_json)

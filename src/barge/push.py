@@ -88,6 +88,8 @@ class PushOptions:
     labels: dict[str, str] = field(default_factory=dict)
     insecure: bool = False
     format: str = "barge"  # "barge" or "tart" (barge.tartpush)
+    #: Tart format only: push a zero-filled NVRAM when the VM has no nvram.bin (see tartpush)
+    placeholder_nvram: bool = False
 
 
 @dataclass

@@ -17,8 +17,12 @@ store's ``tmp/`` (bounded memory), and uploaded from it.
 
 Files a pulled Tart image keeps in the VM directory make a re-push reproduce it: the VM config
 layer (``tart-config.json``), the NVRAM (``nvram.bin``) and the OCI config with its labels
-(``oci-config.json``). Without them barge builds a Tart VM config from its own config and a
-placeholder NVRAM, and says so.
+(``oci-config.json``). Without a VM config barge builds one from its own config (Linux only),
+and says so. Without an NVRAM it refuses: Tart's pull needs an NVRAM layer, and the only thing
+barge could put there, a zero-filled file, is almost certainly not an EFI variable store
+Virtualization.framework accepts (it is created by ``VZEFIVariableStore(creatingVariableStoreAt:)``
+in an undocumented format). ``PushOptions.placeholder_nvram`` (``--placeholder-nvram``) pushes
+that zero-filled file anyway, for a VM whose NVRAM will be replaced on the Mac.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from barge.oci.types import OCI_CONFIG, OCI_MANIFEST, sha256_digest
 from barge.store import VM
 from barge.store.catalog import ChunkRow
 from barge.store.vmconfig import OCI_ARCH
+from barge.untrusted import load_json
 
 if TYPE_CHECKING:
     from barge.push import Pusher, PushResult, _Target
@@ -334,15 +339,21 @@ class TartPush:
         data = self._file(TART_CONFIG_FILE)
         if data is not None:
             info = tartfmt.tart_vm_info(data)  # validates
+            doc = load_json(data, TART_CONFIG_FILE)
+            if info["os"] == "darwin":
+                tartfmt.check_macos_identity(
+                    doc.get("ecid"),
+                    doc.get("hardwareModel"),
+                    f"{TART_CONFIG_FILE} of {self.vm.name!r}",
+                )
             if (info["cpuCount"], info["memorySize"]) == (cfg.cpus, cfg.memory):
                 return data
-            doc = json.loads(data)
             doc["cpuCount"], doc["memorySize"] = cfg.cpus, cfg.memory
             for key, value in (("cpuCountMin", cfg.cpus), ("memorySizeMin", cfg.memory)):
                 if key in doc and doc[key] > value:
                     doc[key] = value
             self.p.note("Tart VM config: cpuCount/memorySize updated from the VM's settings")
-            return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+            return json.dumps(doc, separators=(",", ":")).encode()
         if cfg.os not in ("darwin", "linux"):
             raise UnsupportedError(f"Tart images hold macOS or Linux VMs, not {cfg.os!r}")
         arch = OCI_ARCH.get(cfg.arch, cfg.arch)
@@ -367,9 +378,20 @@ class TartPush:
         data = self._file(NVRAM_FILE)
         if data is not None:
             return data
+        if not self.p.opts.placeholder_nvram:
+            raise UnsupportedError(
+                f"{self.vm.name!r} has no nvram.bin, and Tart's format needs an NVRAM layer: "
+                "barge cannot create a valid EFI variable store (Apple's format is undocumented; "
+                "a zero-filled file is almost certainly not one that Virtualization.framework "
+                "boots)",
+                hint="push a VM cloned from a Tart image (it keeps its nvram.bin), copy a "
+                "nvram.bin made by Tart into the VM, or give --placeholder-nvram to push a "
+                "zero-filled one that must be replaced on the Mac before the VM boots",
+            )
         self.p.note(
-            "no nvram.bin in the VM: pushing a zero-filled placeholder NVRAM layer (Tart's pull "
-            "needs one; whether Virtualization.framework boots from it is not verified)"
+            f"--placeholder-nvram: pushing a zero-filled {tartfmt.NVRAM_PLACEHOLDER_SIZE // 1024} "
+            "KiB placeholder NVRAM layer; Tart pulls it, but it is not a valid EFI variable store: replace "
+            "nvram.bin on the Mac before the VM boots"
         )
         return tartfmt.placeholder_nvram()
 
@@ -382,14 +404,14 @@ class TartPush:
             if not labels:
                 return data
             try:
-                doc = json.loads(data)
+                doc = load_json(data, OCI_CONFIG_FILE)
                 have = doc.setdefault("config", {}).setdefault("Labels", {})
                 if not isinstance(have, dict):
                     raise ValueError("Labels is not an object")
             except (ValueError, AttributeError) as e:
                 raise IntegrityError(f"{OCI_CONFIG_FILE} is not a usable OCI config: {e}") from None
             have.update(labels)
-            return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+            return json.dumps(doc, separators=(",", ":")).encode()
         info = tartfmt.tart_vm_info(vm_config)
         return tartfmt.build_tart_oci_config(
             info["os"], info["arch"], info["diskFormat"], labels=labels

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from barge.endpoints import RegistryEnd, parse_location
-from barge.errors import UsageError
+from barge.errors import UnsupportedError, UsageError
 from barge.oci.client import RegistryClient
 from barge.oci.types import OCI_INDEX, OCI_MANIFEST, Descriptor, Index, Platform
 from barge.progress import Reporter
@@ -60,6 +60,15 @@ def push_index(
 ) -> IndexResult:
     """Push every VM in ``vm_names`` and publish one image index naming them at
     ``reference`` (a registry reference; ``:latest`` when no tag is given)."""
+    if opts is not None and opts.format == "tart":
+        # Tart's Registry.pullManifest asks only for an OCI image manifest and decodes the
+        # answer as one: a tag holding an index is one that `tart pull` cannot pull.
+        raise UnsupportedError(
+            "--index cannot be combined with --format tart: Tart's pull accepts only an OCI "
+            "image manifest, so `tart pull` of an image index fails",
+            hint="push each VM in Tart's format to its own tag (barge push NAME REF --format "
+            "tart), or the index in barge's format",
+        )
     if not vm_names:
         raise UsageError("give at least one VM for --index")
     if len(set(vm_names)) != len(vm_names):

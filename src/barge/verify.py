@@ -30,9 +30,11 @@ from barge.disk.index import ChunkMeta, FrameIndex, zero_digest
 from barge.disk.sparse import data_extents
 from barge.endpoints import LAYOUT_KINDS, End, LayoutEnd, RegistryEnd
 from barge.errors import IntegrityError, NotFoundError, UnsupportedError
+from barge.formats.tart import REORDERED_MESSAGE, parse_tart_manifest
 from barge.oci.types import Descriptor, Manifest
 from barge.progress import NullReporter, Reporter, Task
 from barge.store import Store, VMConfig
+from barge.untrusted import load_json
 
 READ_SIZE = 1 << 20
 MAX_FAULTS = 100
@@ -193,6 +195,10 @@ class _Verifier:
         fmt = detect_format(doc)
         if fmt not in self.report.formats:
             self.report.formats.append(fmt)
+        if fmt == "tart":
+            fault = _tart_fault(doc)
+            if fault is not None and (not self.deep or fault == REORDERED_MESSAGE):
+                self.fault(what, fault)  # with --deep, deep_checks reports a malformed one
         deep: dict[str, Callable[[BinaryIO], int]] = {}
         if self.deep:
             try:
@@ -283,8 +289,6 @@ class _Verifier:
 
         chunks: list[Any]
         if fmt == "tart":
-            from barge.formats.tart import parse_tart_manifest
-
             chunks = list(parse_tart_manifest(doc).disk_chunks)
             decoder: Callable[..., Iterator[bytes]] = applelz4.decode_stream
         else:
@@ -377,6 +381,13 @@ def verify_dir(path: Path, target: str, kind: str, *, digest: str | None = None)
     fmt = (cfg.source or {}).get("format")
     if fmt:
         report.formats.append(str(fmt))
+    if fmt == "tart" and mpath.is_file():
+        try:
+            fault = _tart_fault(load_json(mpath.read_bytes(), "manifest.json"))
+        except IntegrityError as e:
+            fault = e.message
+        if fault is not None:
+            report.faults.append(Fault(f"manifest {digest}", fault))
     ipath = path / "index.json"
     if not ipath.exists():
         if fmt == "barge":  # a barge pull always stores its frame index
@@ -413,6 +424,15 @@ def verify_dir(path: Path, target: str, kind: str, *, digest: str | None = None)
         finally:
             os.close(fd)
     return report
+
+
+def _tart_fault(doc: Any) -> str | None:
+    """Why a Tart manifest is not right for both readers (barge's and Tart's), or None."""
+    try:
+        img = parse_tart_manifest(doc)
+    except (IntegrityError, UnsupportedError) as e:
+        return e.message
+    return REORDERED_MESSAGE if img.reordered else None
 
 
 def _frame_ok(fd: int, off: int, n: int, digest: str, zero: bool) -> tuple[bool, str]:

@@ -73,6 +73,13 @@ def _opt_size(value: str | None, what: str) -> int | None:
     help="Image format: barge (default) or tart (what Tart pulls); and/or output format: text "
     "(default) or json. Give it twice for both, e.g. --format tart --format json.",
 )
+@click.option(
+    "--placeholder-nvram",
+    is_flag=True,
+    help="With --format tart, for a VM without nvram.bin: push a zero-filled 128 KiB NVRAM "
+    "layer. Tart pulls it, but it is not a valid EFI variable store, so the VM will not boot "
+    "until nvram.bin is replaced on the Mac. Without this flag such a push is refused.",
+)
 def push(
     name: str,
     references: tuple[str, ...],
@@ -86,6 +93,7 @@ def push(
     quiet: bool,
     formats: tuple[str, ...],
     index_ref: str | None = None,
+    placeholder_nvram: bool = False,
 ) -> None:
     """Push local VM NAME to one or more REFERENCES (one upload, many tags).
 
@@ -105,6 +113,7 @@ def push(
         labels=_parse_labels(labels),
         insecure=insecure,
         format=image_format,
+        placeholder_nvram=placeholder_nvram,
     )
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     if index_ref is not None:

@@ -1,7 +1,8 @@
 """Tart's VM image format on OCI registries (``shared/FORMAT.md`` §1): read and write.
 
 Facts taken from Tart's public source (``Sources/tart/OCI/Manifest.swift``,
-``OCI/Layerizer/DiskV2.swift``, ``VMDirectory+OCI.swift``, ``VMConfig.swift``):
+``OCI/Layerizer/DiskV2.swift``, ``VMDirectory+OCI.swift``, ``VMConfig.swift``,
+``Platform/Darwin.swift``, ``OCI/Registry.swift``):
 
 - Layer order as Tart pushes it: the VM config layer, then the disk chunks in disk order, then
   the NVRAM layer. The manifest ``config`` is a stub OCI config
@@ -12,9 +13,16 @@ Facts taken from Tart's public source (``Sources/tart/OCI/Manifest.swift``,
   Tart's pull places chunk *i* at the sum of the uncompressed sizes of chunks ``0..i-1``.
 - Manifest annotations: ``org.cirruslabs.tart.uncompressed-disk-size`` and
   ``org.cirruslabs.tart.upload-time``.
-- Tart's pull needs exactly one VM config layer and exactly one NVRAM layer, and refuses the
-  legacy ``disk.v1`` media type. Recent Tart versions also know stacked ASIF overlay images
-  (``application/vnd.cirruslabs.tart.disk.asif.overlay.v1``); barge refuses those.
+- Tart's pull needs exactly one VM config layer, exactly one NVRAM layer and at least one
+  ``disk.v2`` layer, and refuses the legacy ``disk.v1`` media type; it selects layers by media
+  type and ignores any other layer (so does this reader). Recent Tart versions also know
+  stacked ASIF overlay images (``application/vnd.cirruslabs.tart.disk.asif.overlay.v1``);
+  barge refuses those.
+- Tart's pull asks for (``Accept``) and decodes only an OCI image manifest: a tag holding an
+  image index is not pullable by Tart.
+- In the VM config, a missing ``os``/``arch``/``diskFormat`` is ``darwin``/``arm64``/``raw``,
+  and a ``diskFormat`` Tart does not know is read as ``raw``. A macOS config's ``ecid`` and
+  ``hardwareModel`` are base64 (of ``VZMacMachineIdentifier``/``VZMacHardwareModel``).
 - The NVRAM layer is the raw file of Apple's ``VZEFIVariableStore`` (created by
   ``VZEFIVariableStore(creatingVariableStoreAt:)``, an undocumented Apple format).
 
@@ -27,6 +35,8 @@ detect a reordering; the uncompressed digests catch nothing either, because they
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as _dt
 import json
 import re
@@ -121,8 +131,19 @@ class TartImage:
     upload_time: str | None
     #: "annotation" when every disk layer carried dev.barge.disk.offset, else "order"
     offsets_from: Literal["annotation", "order"]
-    #: True when the annotated offsets differ from the layer order (the layers were reordered)
+    #: True when the annotated offsets differ from the layer order (the layers were reordered):
+    #: barge places the chunks by offset, Tart by order, so Tart builds a different disk
     reordered: bool
+    #: media types of the layers Tart (and so barge) ignores, in layer order
+    ignored: tuple[str, ...] = ()
+
+
+#: Why an image whose offsets disagree with its layer order is refused by ``verify``.
+REORDERED_MESSAGE = (
+    f"the disk layers are not in the order of their {BARGE_OFFSET_ANNOTATION} annotations: "
+    "barge places chunks by offset, Tart places them by layer order, so `tart pull` of this "
+    "image builds a scrambled disk"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,6 +160,7 @@ def parse_tart_manifest(manifest: Mapping[str, Any]) -> TartImage:
     vm_configs: list[BlobDescriptor] = []
     nvrams: list[BlobDescriptor] = []
     disks: list[tuple[int, BlobDescriptor]] = []
+    ignored: list[str] = []
     for i, layer in enumerate(layers):
         mt = layer.media_type
         if mt == CONFIG_MEDIA_TYPE:
@@ -155,7 +177,9 @@ def parse_tart_manifest(manifest: Mapping[str, Any]) -> TartImage:
                 "only flat Tart disks"
             )
         else:
-            raise UnsupportedError(f"{what}: layer {i} has unknown media type {mt!r}")
+            ignored.append(mt)  # Tart selects layers by media type; the rest it never reads
+    if not disks:
+        raise IntegrityError(f"{what}: no {DISK_V2_MEDIA_TYPE} layer (Tart needs at least one)")
     if len(vm_configs) != 1:
         raise IntegrityError(
             f"{what}: expected exactly one {CONFIG_MEDIA_TYPE} layer, found {len(vm_configs)}"
@@ -243,6 +267,7 @@ def parse_tart_manifest(manifest: Mapping[str, Any]) -> TartImage:
         upload_time=upload_time,
         offsets_from=offsets_from,
         reordered=reordered,
+        ignored=tuple(ignored),
     )
 
 
@@ -250,7 +275,8 @@ def tart_vm_info(config_json: bytes) -> dict[str, Any]:
     """Validate Tart's VM config (``config.json``, the ``tart.config.v1`` layer) and return
     ``os, arch, cpuCount, memorySize, macAddress, diskFormat`` (plus ``cpuCountMin``,
     ``memorySizeMin``, ``display`` when present). Missing ``os``/``arch``/``diskFormat`` take
-    Tart's defaults (``darwin``, ``arm64``, ``raw``)."""
+    Tart's defaults (``darwin``, ``arm64``, ``raw``); a ``diskFormat`` string Tart does not know
+    is ``raw`` too, as in Tart, and the original is kept as ``diskFormatUnknown``."""
     what = "Tart VM config"
     if len(config_json) > MAX_VM_CONFIG_SIZE:
         raise IntegrityError(f"{what} is {len(config_json)} bytes, over {MAX_VM_CONFIG_SIZE}")
@@ -274,8 +300,11 @@ def tart_vm_info(config_json: bytes) -> dict[str, Any]:
         raise IntegrityError(f"{what}: invalid macAddress {mac!r}")
     info["macAddress"] = mac.lower()
     disk_format = obj.get("diskFormat", "raw")
+    if not isinstance(disk_format, str):
+        raise IntegrityError(f"{what}: diskFormat must be a string, got {disk_format!r:.80}")
     if disk_format not in _DISK_FORMATS:
-        raise IntegrityError(f"{what}: unknown diskFormat {disk_format!r}")
+        info["diskFormatUnknown"] = disk_format  # DiskImageFormat(rawValue:) ?? .raw
+        disk_format = "raw"
     info["diskFormat"] = disk_format
     if "cpuCountMin" in obj:
         info["cpuCountMin"] = check_int(obj["cpuCountMin"], f"{what} cpuCountMin", maximum=4096)
@@ -290,6 +319,25 @@ def tart_vm_info(config_json: bytes) -> dict[str, Any]:
             "height": check_int(display.get("height"), f"{what} display height", maximum=1 << 16),
         }
     return info
+
+
+def check_macos_identity(ecid: object, hardware_model: object, what: str = "macOS config") -> None:
+    """Raise :class:`IntegrityError` unless ``ecid`` and ``hardware_model`` are non-empty
+    strict base64, which Tart decodes with ``Data(base64Encoded:)`` before handing them to
+    Virtualization.framework (``Platform/Darwin.swift``)."""
+    for key, value in (("ecid", ecid), ("hardwareModel", hardware_model)):
+        if not isinstance(value, str) or not value:
+            raise IntegrityError(f"{what}: {key} is missing (a macOS VM needs it)")
+        try:  # Foundation wants the padding: a length that is a multiple of 4
+            decoded = base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            decoded = b""
+        if len(value) % 4:
+            decoded = b""
+        if not decoded:
+            raise IntegrityError(
+                f"{what}: {key} {value[:40]!r} is not base64 (Tart could not decode it)"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +380,7 @@ def build_tart_vm_config(
     if os == "darwin":
         if ecid is None or hardware_model is None:
             raise UnsupportedError("a macOS Tart config needs an ECID and a hardware model")
+        check_macos_identity(ecid, hardware_model, "macOS Tart config")
         cfg["ecid"] = ecid
         cfg["hardwareModel"] = hardware_model
     cfg.update(
