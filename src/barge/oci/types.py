@@ -46,6 +46,14 @@ MANIFEST_ACCEPT = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIS
 _DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 
 
+def _optional_str(d: dict[str, Any], key: str, what: str) -> str | None:
+    """``d[key]`` when it is a string, None when absent; ValueError for any other type."""
+    value = d.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{what} {key!r} is not a string")
+    return value
+
+
 def is_digest(s: str) -> bool:
     return bool(_DIGEST.match(s))
 
@@ -66,8 +74,8 @@ class Platform:
         return cls(
             architecture=str(d.get("architecture", "")),
             os=str(d.get("os", "")),
-            variant=d.get("variant"),
-            os_version=d.get("os.version"),
+            variant=_optional_str(d, "variant", "platform"),
+            os_version=_optional_str(d, "os.version", "platform"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -113,7 +121,7 @@ class Descriptor:
             size=size,
             annotations={str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else None,
             platform=Platform.from_json(plat) if isinstance(plat, dict) else None,
-            artifact_type=d.get("artifactType"),
+            artifact_type=_optional_str(d, "artifactType", "descriptor"),
             urls=tuple(str(u) for u in urls) if isinstance(urls, list) else None,
             extra={k: v for k, v in d.items() if k not in known},
         )
@@ -169,7 +177,7 @@ class ImageManifest:
             layers=[Descriptor.from_json(x) for x in layers],
             media_type=str(doc.get("mediaType") or media_type or OCI_MANIFEST),
             annotations={str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else None,
-            artifact_type=doc.get("artifactType"),
+            artifact_type=_optional_str(doc, "artifactType", "manifest"),
             subject=Descriptor.from_json(subj) if isinstance(subj, dict) else None,
             extra={k: v for k, v in doc.items() if k not in known},
         )
@@ -221,7 +229,7 @@ class Index:
             manifests=[Descriptor.from_json(x) for x in ms],
             media_type=str(doc.get("mediaType") or media_type or OCI_INDEX),
             annotations={str(k): str(v) for k, v in ann.items()} if isinstance(ann, dict) else None,
-            artifact_type=doc.get("artifactType"),
+            artifact_type=_optional_str(doc, "artifactType", "manifest"),
             subject=Descriptor.from_json(subj) if isinstance(subj, dict) else None,
             extra={k: v for k, v in doc.items() if k not in known},
         )
