@@ -6,8 +6,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 pytest_plugins = ["registry_fixtures"]
+
+# Tests never assert timings (performance is measured by `make bench`): hypothesis' per-example
+# deadline only turns a loaded machine into a flaky failure.
+settings.register_profile("barge", deadline=None)
+settings.load_profile("barge")
 
 
 @pytest.fixture
