@@ -83,6 +83,8 @@ def test_push_tart_without_nvram_is_refused_unless_opted_in(
     )
     assert any("not a valid EFI variable store" in n for n in res["notes"])
     assert tags(registry, "t/nvram") == ["v1"]
+    err = barge("push", "vm", ref, "--placeholder-nvram", code=ExitCode.USAGE)
+    assert "is for --format tart" in err
 
 
 def test_push_tart_checks_a_macos_identity_is_base64(

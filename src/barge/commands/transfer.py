@@ -100,6 +100,8 @@ def push(
     With --index REF, NAME and REFERENCES are all VM names, pushed as one OCI image index whose
     entries carry each VM's platform."""
     fmt, image_format = _split_formats(formats)
+    if placeholder_nvram and image_format != "tart":
+        raise UsageError("--placeholder-nvram is for --format tart (barge's format needs no NVRAM)")
     from barge.disk.codec import DEFAULT_CODEC
     from barge.push import PushOptions
     from barge.push import push as do_push
