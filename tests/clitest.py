@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,3 +87,36 @@ def independent_apple_lz4_decode(data: bytes) -> bytes:
         out += block
         prev = block
     raise AssertionError("no end marker")
+
+
+def spawn(*args: str, home: Path) -> subprocess.Popen[str]:
+    """``barge ARGS`` as a child process with ``$BARGE_HOME`` = ``home`` (stdout/stderr piped)."""
+    env = dict(os.environ, BARGE_HOME=str(home))
+    return subprocess.Popen(
+        [sys.executable, "-m", "barge", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_cli(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``barge ARGS`` as a child process, to its end."""
+    env = dict(os.environ, BARGE_HOME=str(home))
+    return subprocess.run(
+        [sys.executable, "-m", "barge", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 60, what: str = "") -> None:
+    """Poll ``cond`` every 10 ms; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        time.sleep(0.01)

@@ -485,7 +485,8 @@ class FaultRule:
     before forwarding; with ``after_request_bytes`` after reading that much of the request
     body, forwarding the part read), ``"truncate"`` (forward, send only ``keep`` bytes of
     the body, close), ``"status"`` (answer ``status`` with ``headers`` without forwarding),
-    ``"redirect"`` (answer 307 to ``location.format(path=..., digest=...)``).
+    ``"redirect"`` (answer 307 to ``location.format(path=..., digest=...)``), ``"slow"``
+    (forward, but move the request and response bodies at ``rate`` bytes per second).
     The rule fires for matching requests number ``skip+1 .. skip+times`` (``times=None``:
     forever).
     """
@@ -503,6 +504,7 @@ class FaultRule:
     location: str = ""
     require_header: str | None = None  # only requests carrying this header match
     body: bytes = b""  # the answer's body for "status" (default: an OCI error naming it)
+    rate: int = 1 << 20  # bytes per second for "slow"
     seen: int = 0
     fired: int = 0
 
@@ -524,6 +526,25 @@ class Exchange:
     fault: str | None
     headers: dict[str, str]
     dropped_bytes: int = 0  # request body bytes read but not forwarded (injected answers)
+
+
+class _Pace:
+    """Sleeps so that the bytes passed through ``step`` move at ``rate`` per second (``rate``
+    None: no pacing). Pieces are at most ``piece`` bytes so a slowed body trickles."""
+
+    def __init__(self, rate: int | None) -> None:
+        self.rate = rate
+        self.piece = 1 << 20 if rate is None else max(1024, min(64 << 10, rate // 20))
+        self.start = time.monotonic()
+        self.moved = 0
+
+    def step(self, n: int) -> None:
+        if self.rate is None:
+            return
+        self.moved += n
+        ahead = self.moved / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            time.sleep(ahead)
 
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
@@ -697,6 +718,7 @@ class FaultProxy:
                 if k.lower() not in _HOP:
                     conn.putheader(k, v)
             limit = rule.after_request_bytes if rule and rule.action == "reset" else None
+            pace = _Pace(rule.rate if rule and rule.action == "slow" else None)
             if _is_chunked(h):  # a streamed upload: forward it chunk by chunk
                 conn.putheader("Transfer-Encoding", "chunked")
                 conn.endheaders()
@@ -706,14 +728,17 @@ class FaultProxy:
                         h._barge_upstream = None  # type: ignore[attr-defined]
                         self._reset(h)
                         return
-                    conn.send(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                    for k in range(0, len(piece), pace.piece):
+                        part = piece[k : k + pace.piece]
+                        conn.send(b"%x\r\n" % len(part) + part + b"\r\n")
+                        pace.step(len(part))
                     ex.request_bytes += len(piece)
                 conn.send(b"0\r\n\r\n")
             else:
                 conn.endheaders()
             left = 0 if _is_chunked(h) else length
             while left > 0:
-                want = min(left, 1 << 20)
+                want = min(left, pace.piece)
                 if limit is not None:
                     want = min(want, limit - ex.request_bytes)
                     if want <= 0:
@@ -725,6 +750,7 @@ class FaultProxy:
                 if not data:
                     break
                 conn.send(data)
+                pace.step(len(data))
                 ex.request_bytes += len(data)
                 left -= len(data)
             resp = conn.getresponse()
@@ -755,6 +781,7 @@ class FaultProxy:
             resp.read()
             return
         budget = rule.keep if rule and rule.action == "truncate" else None
+        pace = _Pace(rule.rate if rule and rule.action == "slow" else None)
         try:
             if pre is not None:
                 out = pre if budget is None else pre[:budget]
@@ -762,9 +789,10 @@ class FaultProxy:
                 ex.response_bytes += len(out)
             else:
                 while True:
-                    data = resp.read(1 << 20)
+                    data = resp.read(pace.piece)
                     if not data:
                         break
+                    pace.step(len(data))
                     if budget is not None:
                         data = data[: max(0, budget - ex.response_bytes)]
                     if data:

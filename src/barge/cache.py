@@ -90,7 +90,7 @@ def clone_image(
     with store.lease("clone") as lease_id:
         # the image joins this lease before the pull looks at the cache, so no GC can take it
         # between the pull and the clone
-        res = pull(store, ref_text, opts, reporter, hold=lease_id)
+        res = pull(store, ref_text, opts, reporter, hold=lease_id, then_clone=True)
         lock = store.image_lock(res.digest, shared=True, wait=True)
         try:
             if not res.path.is_dir():
@@ -139,5 +139,5 @@ def delete_cached(store: Store, ref_text: str) -> list[str]:
     still = {r.digest for r in store.catalog.refs()}
     orphans = digests - still
     if orphans:
-        store.gc(only=orphans)
+        store.gc(only=orphans, clean_tmp=False)  # resumable work in tmp/ stays
     return [cached_ref_text(*r) for r in rows]

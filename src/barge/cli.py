@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import click
 
-from barge import __version__
-from barge.errors import BargeError, ExitCode
+from barge import __version__, cancel
+from barge.errors import BargeError, ExitCode, Interrupted
 from barge.untrusted import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,7 +59,11 @@ class BargeGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(os.environ.get("BARGE_DEBUG"))
         try:
-            return super().invoke(ctx)
+            with cancel.handle_signals():
+                return super().invoke(ctx)
+        except Interrupted as e:
+            echo(f"barge: {e.message}", err=True)
+            ctx.exit(e.exit_code)
         except BargeError as e:
             echo(f"barge: error: {e.message}", err=True)
             if e.hint:

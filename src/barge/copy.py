@@ -18,18 +18,19 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
+from barge import cancel
 from barge.endpoints import End, LayoutEnd, Location, OpenAt, RegistryEnd, parse_location
-from barge.errors import IntegrityError, UnsupportedError, UsageError
+from barge.errors import IntegrityError, Interrupted, UnsupportedError, UsageError
 from barge.oci.client import RegistryClient
 from barge.oci.types import Descriptor, Manifest
 from barge.progress import NullReporter, Reporter, Task
 from barge.reference import ReferenceError, validate_tag
 from barge.store import Store
+from barge.units import format_size
 
 MAX_INDEX_DEPTH = 4  # an index of indexes of ... is refused beyond this
 
@@ -295,6 +296,9 @@ class Copier:
         self.notes: list[str] = []
         self._lock = threading.Lock()
         self._done: set[tuple[str, str]] = set()  # (destination label, digest)
+        self._blobs_total = 0  # blobs this run set out to copy, and those the destination holds
+        self._blobs_held = 0
+        self._bytes_held = 0
 
     def note(self, msg: str) -> None:
         self.notes.append(msg)
@@ -349,12 +353,9 @@ class Copier:
         task = self.reporter.task(f"copying to {dst.label}", total)
         serial = isinstance(dst, ArchiveWriteEnd) or (isinstance(src, LayoutEnd) and src.archive)
         workers = 1 if serial else max(1, self.opts.concurrency)
-        if workers == 1 or len(blobs) <= 1:
-            for d in blobs:
-                self.copy_blob(src, dst, d, task)
-        else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="copy") as pool:
-                list(pool.map(lambda d: self.copy_blob(src, dst, d, task), blobs))
+        with self._lock:
+            self._blobs_total += len(blobs)
+        cancel.parallel(lambda d: self.copy_blob(src, dst, d, task), blobs, workers, name="copy")
         if isinstance(dst, RegistryEnd):
             self.store.catalog.add_blob_locations([d.digest for d in blobs], dst.registry, dst.repo)
         if isinstance(src, RegistryEnd):
@@ -382,11 +383,26 @@ class Copier:
             def open_at(off: int) -> BinaryIO:
                 return src.open_blob(d.digest, off)
 
-            dst.put_blob(d.digest, d.size, open_at, None)
+            # the upload reports every read it sends: each is a cancellation check
+            dst.put_blob(d.digest, d.size, open_at, lambda n: cancel.check())
             self._count(copied_blobs=1, copied_bytes=d.size)
         task.advance(d.size)
         with self._lock:
             self._done.add(key)
+            self._blobs_held += 1
+            self._bytes_held += d.size
+
+    def kept_message(self, dst: End | None) -> str:
+        """What an interrupted copy leaves for the next run."""
+        if isinstance(dst, ArchiveWriteEnd):
+            return "interrupted: the partial archive was removed"
+        if not self._blobs_held:
+            return "interrupted: no blob was complete yet; run the same command to copy again"
+        return (
+            f"interrupted: {self._blobs_held} of {self._blobs_total} blobs "
+            f"({format_size(self._bytes_held)}) are at the destination; run the same command "
+            "to resume (they are not copied again)"
+        )
 
     def _mount(self, src: End, dst: End, d: Descriptor) -> bool:
         if (
@@ -402,6 +418,7 @@ class Copier:
     # -- whole operations ------------------------------------------------------------------
     def copy(self, source: str, destination: str) -> CopyResult:
         ends = Ends(self.store, insecure=self.opts.insecure)
+        dst: End | None = None
         try:
             with self.store.lease("copy"):
                 src, sloc, reference = ends.source(source)
@@ -432,6 +449,10 @@ class Copier:
                             )
                         )
                 return result
+        except Exception as e:
+            if isinstance(e, Interrupted) or cancel.requested():
+                raise Interrupted(self.kept_message(dst)) from e
+            raise
         finally:
             ends.close()
 

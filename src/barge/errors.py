@@ -62,6 +62,12 @@ class NoSpaceError(BargeError):
     exit_code = ExitCode.NO_SPACE
 
 
+class Interrupted(BargeError):
+    """Ctrl-C or SIGTERM stopped the operation; the message says what was kept."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
 class LimitError(BargeError):
     exit_code = ExitCode.LIMIT
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from barge.disk.sparse import allocated_bytes, clone_file
+from barge.disk.sparse import allocated_bytes, can_reflink, clone_file
 from barge.errors import ConflictError, NoSpaceError, UsageError
 from barge.store import VM, Disk, Store, VMConfig, validate_vm_name
+from barge.store.space import is_no_space
 from barge.store.vmconfig import ARCHES, OSES, random_mac
 
 DEFAULT_DISK_NAME = "disk.img"
@@ -185,14 +186,27 @@ def clone_vm(store: Store, src: str, dst: str) -> CloneResult:
 def clone_dir(store: Store, src_dir: Path, config: VMConfig, dst: str) -> CloneResult:
     """Make local VM ``dst`` from a VM-shaped directory (a VM or a cached image).
 
-    The caller holds ``dst``'s lock and whatever protects ``src_dir``."""
-    needed = sum(allocated_bytes(src_dir / d.name) for d in config.disks)
-    _check_space(store.tmp_dir, needed)
+    The caller holds ``dst``'s lock and whatever protects ``src_dir``. Refused up front (exit
+    9) when a copy would not fit (no copy-on-write here); running out of space mid-copy removes
+    the partial copy and says so."""
     methods = set()
     written = 0
     with store.staging("clone") as tmp:
+        if not can_reflink(tmp):
+            needed = sum(allocated_bytes(src_dir / d.name) for d in config.disks)
+            store.require_space(needed, f"clone a VM named {dst!r} (a full copy here)")
         for d in config.disks:
-            method = clone_file(src_dir / d.name, tmp / d.name)
+            try:
+                method = clone_file(src_dir / d.name, tmp / d.name)
+            except OSError as e:
+                if not is_no_space(e):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise NoSpaceError(
+                    f"no space left on the filesystem of {store.home} while cloning a VM named "
+                    f"{dst!r}; the partial copy was removed",
+                    hint=store.space_hint(None),
+                ) from e
             methods.add(method)
             if method != "reflink":
                 written += allocated_bytes(tmp / d.name)

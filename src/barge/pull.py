@@ -23,13 +23,14 @@ import hashlib
 import io
 import os
 import platform as _platform
+import shutil
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from barge import cancel
 from barge.disk import applelz4, lz4frame
 from barge.disk.codec import Codec
 from barge.disk.decoder import (
@@ -40,9 +41,16 @@ from barge.disk.decoder import (
     write_zero_aware,
 )
 from barge.disk.index import ChunkMeta, FrameIndex, FrameRef
-from barge.disk.sparse import allocated_bytes, clone_file, data_extents, punch_hole
+from barge.disk.sparse import allocated_bytes, can_reflink, clone_file, data_extents, punch_hole
 from barge.endpoints import End, LayoutEnd, RegistryEnd, parse_location
-from barge.errors import IntegrityError, NotFoundError, UnsupportedError, UsageError
+from barge.errors import (
+    IntegrityError,
+    Interrupted,
+    NoSpaceError,
+    NotFoundError,
+    UnsupportedError,
+    UsageError,
+)
 from barge.formats import detect_format
 from barge.formats import tart as tartfmt
 from barge.formats import vetu as vetufmt
@@ -52,11 +60,14 @@ from barge.oci.types import INDEX_TYPES, Manifest
 from barge.progress import NullReporter, Reporter
 from barge.store import Disk, Store, VMConfig
 from barge.store.catalog import ChunkRow
+from barge.store.space import NotEnoughSpace, is_no_space
 from barge.store.store import fsync_tree
 from barge.store.vmconfig import FROM_OCI_ARCH, random_mac
+from barge.units import format_size
 from barge.untrusted import load_json
 
 MAX_INDEX_BLOB = 256 << 20
+METADATA_ROOM = 1 << 20  # what a pull writes besides disks (configs, index, manifest), at most
 RANGE_GAP = 0  # frames are merged into one Range request only when adjacent
 
 
@@ -143,6 +154,13 @@ class Puller:
         self.notes: list[str] = []
         self._lock = threading.Lock()
         self._client: RegistryClient | None = None
+        self._shown = ""
+        self._then_clone = False  # the image is to be copied into a VM after the pull
+        self._need: int | None = None  # bytes the space check asked for
+        self._task: Any = None  # progress of the fetch (its .done: verified bytes written)
+        self._kept_at_start = 0  # verified frame bytes the staging held before fetching
+        self._starts_over = False  # a re-run would not resume this pull's staging directory
+        self._resumed = False  # this run resumes a staging directory an earlier one left
 
     def note(self, msg: str) -> None:
         self.notes.append(msg)
@@ -179,9 +197,13 @@ class Puller:
             return lend, kind, where, tag, loc.tag or "latest"
         raise UsageError(f"cannot pull {text!r}")
 
-    def pull(self, text: str, *, hold: str | None = None) -> PullResult:
+    def pull(self, text: str, *, hold: str | None = None, then_clone: bool = False) -> PullResult:
         """Pull ``text``. ``hold``: a caller's lease that must keep the image once the pull
-        returns (a clone from it), added before the image is looked at."""
+        returns (a clone from it), added before the image is looked at. ``then_clone``: the
+        free-space check counts a copy of the image into a VM too (where it cannot be
+        cloned copy-on-write)."""
+        self._shown = text
+        self._then_clone = then_clone
         end, registry, repository, tag, reference = self.open_source(text)
         top = end.get_manifest(reference)
         manifest = select_platform(end, top, self.opts.platform)
@@ -206,12 +228,16 @@ class Puller:
                 staging = self.store.tmp_dir / f"pull-{hexd}"
                 cat.lease_add(lease_id, "path", [staging.name])
                 staging.mkdir(exist_ok=True)
-                fmt, base = self._materialise(end, manifest, staging, registry, repository, digest)
-                (staging / "manifest.json").write_bytes(manifest.data)
-                fsync_tree(staging)
+                try:
+                    fmt, base = self._materialise(
+                        end, manifest, staging, registry, repository, digest
+                    )
+                    (staging / "manifest.json").write_bytes(manifest.data)
+                    fsync_tree(staging)
+                except Exception as e:
+                    self._failed(e, staging)
+                    raise
                 if path.exists():  # a crashed earlier run got this far; the catalog says not
-                    import shutil
-
                     shutil.rmtree(path)
                 os.rename(staging, path)
                 cat.add_image(digest, hexd, fmt, _dir_allocated(path))
@@ -224,6 +250,89 @@ class Puller:
                 lock.release()
         return PullResult(shown, digest, fmt, path, False, self.stats, base, self.notes)
 
+    def _failed(self, e: Exception, staging: Path) -> None:
+        """An interrupted pull keeps its staging directory (the next run re-verifies and
+        resumes it) and says how much verified data it holds; a pull that ran out of space
+        removes it (giving the space back) before anything else touches the disk or the
+        catalog, and says what to free. Other errors are left as they are."""
+        if isinstance(e, Interrupted) or cancel.requested():
+            kept = self._kept_at_start + (self._task.done if self._task is not None else 0)
+            if self._starts_over:  # Tart and Vetu pulls rewrite their disks from the start
+                shutil.rmtree(staging, ignore_errors=True)
+                raise Interrupted("interrupted: this pull starts over when run again") from e
+            what = f"kept {format_size(kept)} of verified frames" if kept else "kept"
+            raise Interrupted(
+                f"interrupted: {what} in the staging area ({staging.name}); run the same "
+                "command to resume (`barge prune` discards it)"
+            ) from e
+        if isinstance(e, NotEnoughSpace):  # refused before writing: a resumable pull stays
+            if not self._resumed:
+                shutil.rmtree(staging, ignore_errors=True)
+            return
+        if is_no_space(e, self.store.home):
+            shutil.rmtree(staging, ignore_errors=True)
+            free = self.store.free_bytes()
+            need = self._need
+            said = f"; it needs about {format_size(need)}" if need else ""
+            raise NoSpaceError(
+                f"no space left on the filesystem of {self.store.home} while pulling "
+                f"{self._shown}{said}, and {format_size(free)} is free now that the partial "
+                "pull was removed",
+                hint=self.store.space_hint(need - free if need and need > free else None),
+            ) from e
+
+    def _require_space(self, need: int, *, reflink: bool) -> None:
+        """Refuse (exit 9) before writing when ``need`` bytes (plus what a later clone copies)
+        do not fit."""
+        what = f"pull {self._shown}"
+        if self._then_clone:
+            what = f"pull and clone {self._shown}"
+            if not reflink:
+                need *= 2
+        self._need = need + METADATA_ROOM
+        self.store.require_space(self._need, what)
+
+    def _check_space_barge(
+        self,
+        index: FrameIndex,
+        staging: Path,
+        resumed: set[str],
+        base_dir: Path | None,
+        base_index: FrameIndex | None,
+    ) -> None:
+        """What the disks will take: every non-zero frame's bytes (an upper bound: zero 4 KiB
+        blocks inside a frame stay holes), less what the staging directory already holds (a
+        resumed pull) or what a base shares copy-on-write; a base copied without reflink costs
+        its allocated bytes first."""
+        data = {
+            (d.name, fr.offset): fr.digest
+            for d in index.disks
+            for fr in d.iter_frames()
+            if not fr.zero
+        }
+        final = sum(fr.usize for d in index.disks for fr in d.iter_frames() if not fr.zero)
+        reflink = can_reflink(staging)
+        if resumed:
+            need = final - sum(allocated_bytes(staging / n) for n in resumed)
+        elif base_dir is not None and base_index is not None:
+            if reflink:
+                shared = sum(
+                    fr.usize
+                    for d in base_index.disks
+                    for fr in d.iter_frames()
+                    if not fr.zero and data.get((d.name, fr.offset)) == fr.digest
+                )
+                need = final - shared
+            else:
+                names = {d.name for d in index.disks}
+                copied = sum(
+                    allocated_bytes(base_dir / d.name) for d in base_index.disks if d.name in names
+                )
+                need = max(final, copied)
+        else:
+            need = final
+        self._require_space(max(0, need), reflink=reflink)
+
     def _materialise(
         self,
         end: End,
@@ -235,6 +344,7 @@ class Puller:
     ) -> tuple[str, str | None]:
         doc = load_json(manifest.data, f"manifest {digest}")
         fmt = detect_format(doc)
+        self._starts_over = fmt in ("tart", "vetu")
         source = {"registry": registry, "repository": repository, "digest": digest, "format": fmt}
         if fmt == "barge":
             base = self._pull_barge(end, doc, staging, source)
@@ -269,7 +379,9 @@ class Puller:
         (staging / "index.json").write_bytes(index_data)
 
         resumed = {n for n in disks if (staging / n).exists()}
+        self._resumed = bool(resumed)
         base_dir, base_index = (None, None) if resumed else self._find_base(index, source)
+        self._check_space_barge(index, staging, resumed, base_dir, base_index)
         base_label = None
         if base_dir is not None and base_index is not None:
             base_label = base_dir.name
@@ -288,9 +400,11 @@ class Puller:
 
         # what is already right on disk, frame by frame
         have = self._frames_present(index, staging, base_index, resumed)
+        self._kept_at_start = self.stats.reused_bytes
         work = self._plan_fetch(index, have)
         total = sum(sum(m.frames[i].usize for i in need) for m, need, _ in work)
-        task = self.reporter.task("pulling", total)
+        # every frame's progress is a cancellation check, and counts what an interrupt keeps
+        task = self._task = cancel.checked(self.reporter.task("pulling", total))
         writers = {n: DiskWriter(staging / n) for n in disks}
         local = (
             _LocalFrames(base_dir, base_index)
@@ -307,15 +421,13 @@ class Puller:
                     bufs = tls.bufs = DecodeBuffers(meta.frame_size)
                 self._fetch_chunk(end, writers[meta.disk], meta, frames, whole, bufs, local, task)
 
-            with ThreadPoolExecutor(
-                max(1, self.opts.concurrency), thread_name_prefix="pull"
-            ) as pool:
-                list(pool.map(run, work))
+            cancel.parallel(run, work, max(1, self.opts.concurrency), name="pull")
             for w in writers.values():
                 w.fsync()
         finally:
-            for w in writers.values():
-                w.close()
+            if not cancel.abandoned():  # a worker still running may write through them
+                for w in writers.values():
+                    w.close()
         src = dict(source)
         cfg.source = src
         (staging / "config.json").write_bytes(cfg.to_bytes())
@@ -385,6 +497,7 @@ class Puller:
             fd = os.open(staging / name, os.O_RDONLY)
             try:
                 for fr in disk.iter_frames():
+                    cancel.check()
                     if _frame_matches(fd, fr):
                         have.add((name, fr.offset))
                         if not fr.zero:
@@ -511,6 +624,11 @@ class Puller:
         (staging / "tart-config.json").write_bytes(vm_json)
         (staging / "nvram.bin").write_bytes(nvram)
         (staging / "oci-config.json").write_bytes(oci_cfg)
+        # the layers say nothing about zeros: their compressed size is what the disk takes at
+        # least (all-zero blocks become holes, data is rarely smaller than its compression)
+        self._require_space(
+            sum(c.descriptor.size for c in img.disk_chunks), reflink=can_reflink(staging)
+        )
         disk = staging / "disk.img"
         self._decode_streams(
             end,
@@ -572,6 +690,10 @@ class Puller:
             (staging / "initramfs").write_bytes(
                 _read_small(end, img.initramfs.digest, MAX_SMALL_BLOB * 8)
             )
+        self._require_space(
+            sum(c.descriptor.size for d in img.disks for c in d.chunks),
+            reflink=can_reflink(staging),
+        )
         disks = []
         for d in img.disks:
             self._decode_streams(
@@ -615,7 +737,7 @@ class Puller:
         with open(path, "wb") as f:
             f.truncate(size)
         total = sum(c[3] for c in chunks)
-        task = self.reporter.task(f"pulling {path.name}", total)
+        task = cancel.checked(self.reporter.task(f"pulling {path.name}", total))
         fd = os.open(path, os.O_RDWR)
         try:
 
@@ -640,11 +762,11 @@ class Puller:
                     )
                 self._count(fetched_bytes=csize, whole_layers=1)
 
-            with ThreadPoolExecutor(max(1, self.opts.concurrency)) as pool:
-                list(pool.map(run, chunks))
+            cancel.parallel(run, chunks, max(1, self.opts.concurrency), name="pull")
             os.fsync(fd)
         finally:
-            os.close(fd)
+            if not cancel.abandoned():  # a worker still running may write through it
+                os.close(fd)
 
 
 #: The chunk-index codec name of a Tart disk layer (one Apple LZ4 stream, no frames).
@@ -783,9 +905,10 @@ def pull(
     reporter: Reporter | None = None,
     *,
     hold: str | None = None,
+    then_clone: bool = False,
 ) -> PullResult:
     puller = Puller(store, opts or PullOptions(), reporter)
     try:
-        return puller.pull(text, hold=hold)
+        return puller.pull(text, hold=hold, then_clone=then_clone)
     finally:
         puller.close()

@@ -20,11 +20,11 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from barge import cancel
 from barge.disk.chunker import (
     ChunkDigests,
     ChunkPlan,
@@ -54,7 +54,7 @@ from barge.disk.sizing import (
 )
 from barge.disk.sparse import data_extents
 from barge.endpoints import End, LayoutEnd, RegistryEnd, parse_location
-from barge.errors import LimitError, UnsupportedError, UsageError
+from barge.errors import Interrupted, LimitError, UnsupportedError, UsageError
 from barge.image import (
     FILE_MEDIA_TYPE,
     FILE_NAME_ANNOTATION,
@@ -69,6 +69,7 @@ from barge.oci.types import OCI_MANIFEST
 from barge.progress import NullReporter, Reporter
 from barge.store import VM, Store
 from barge.store.catalog import ChunkRow
+from barge.units import format_size
 
 # what the file-state cache remembers per disk: chunk digests of one kind ("list": barge's
 # hash-list digests; "content": plain sha256 of the chunk, as Tart's format needs)
@@ -148,6 +149,9 @@ class Pusher:
         self._lock = threading.Lock()
         self._clients: dict[str, RegistryClient] = {}
         self._lease_id = ""
+        self._chunks_done = 0  # chunks the destinations hold (what an interrupt keeps)
+        self._bytes_done = 0
+        self._chunks_total = 0
 
     def note(self, msg: str) -> None:
         self.notes.append(msg)
@@ -242,11 +246,35 @@ class Pusher:
         return self.push_to_ends(vm_name, [(t.end, []) for t in self.targets([destination])])
 
     def _push(self, vm: VM, targets: list[_Target], lease_id: str) -> PushResult:
-        cfg = vm.config
-        if self.opts.format == "tart":
-            from barge.tartpush import push_tart
+        try:
+            if self.opts.format == "tart":
+                from barge.tartpush import push_tart
 
-            return push_tart(self, vm, targets, lease_id)
+                return push_tart(self, vm, targets, lease_id)
+            return self._push_barge(vm, targets, lease_id)
+        except Exception as e:
+            if isinstance(e, Interrupted) or cancel.requested():
+                raise Interrupted(self.kept_message()) from e
+            raise
+
+    def chunk_done(self, length: int) -> None:
+        """One chunk is at every destination (uploaded, found or mounted)."""
+        with self._lock:
+            self._chunks_done += 1
+            self._bytes_done += length
+
+    def kept_message(self) -> str:
+        """What an interrupted push leaves for the next run."""
+        if not self._chunks_done:
+            return "interrupted: no chunk was complete yet; run the same command to push again"
+        return (
+            f"interrupted: {self._chunks_done} of {self._chunks_total} chunks "
+            f"({format_size(self._bytes_done)} of disk) are in the registry and the chunk "
+            "index; run the same command to resume (they are not sent again)"
+        )
+
+    def _push_barge(self, vm: VM, targets: list[_Target], lease_id: str) -> PushResult:
+        cfg = vm.config
         if self.opts.format != "barge":
             raise UsageError(f"unknown image format {self.opts.format!r}: use barge or tart")
         origin = (cfg.source or {}).get("format")
@@ -275,9 +303,10 @@ class Pusher:
             for name, size in disks.items()
             for p in plan_chunks(name, size, chunk_size, frame_size=fs)
         ]
-        self.stats.chunks = len(plans)
+        self.stats.chunks = self._chunks_total = len(plans)
         total = sum(p.length for p in plans)
-        task = self.reporter.task(f"pushing {vm.name}", total)
+        # every frame's progress is a cancellation check
+        task = cancel.checked(self.reporter.task(f"pushing {vm.name}", total))
         known = self._known_digests(vm, chunk_size, fs)
         prehash = self._worth_prehashing()
         spool = self.store.tmp_dir
@@ -290,6 +319,11 @@ class Pusher:
         try:
 
             def work(plan: ChunkPlan) -> tuple[ChunkPlan, ChunkDigests, ChunkMeta | None]:
+                done = one(plan)
+                self.chunk_done(plan.length)
+                return done
+
+            def one(plan: ChunkPlan) -> tuple[ChunkPlan, ChunkDigests, ChunkMeta | None]:
                 fd = fds[plan.disk]
                 kd = known.get((plan.disk, plan.offset))
                 if kd is None and not prehash and not _has_data(fd, plan):
@@ -314,13 +348,12 @@ class Pusher:
                 return plan, digests, meta
 
             workers = max(1, self.opts.concurrency)
-            with ThreadPoolExecutor(workers, thread_name_prefix="push") as pool:
-                for plan, digests, meta in pool.map(work, plans):
-                    digests_by_disk[plan.disk].append(
-                        [digests.udigest, [[d, z] for d, z in digests.frames]]
-                    )
-                    if meta is not None:
-                        metas.append(meta)
+            for plan, digests, meta in cancel.parallel(work, plans, workers, name="push"):
+                digests_by_disk[plan.disk].append(
+                    [digests.udigest, [[d, z] for d, z in digests.frames]]
+                )
+                if meta is not None:
+                    metas.append(meta)
             for name, fd in fds.items():
                 if _changed(stats_before[name], os.fstat(fd)):
                     raise UsageError(
@@ -328,8 +361,9 @@ class Pusher:
                         "stop whatever writes it and push again"
                     )
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            if not cancel.abandoned():  # a worker still running may read through them
+                for fd in fds.values():
+                    os.close(fd)
         self._remember_digests(vm, chunk_size, fs, digests_by_disk, stats_before)
 
         index = FrameIndex.build(disks, metas, frame_size=fs)
@@ -390,7 +424,7 @@ class Pusher:
             return True
         if open_at is None:
             return False
-        end.put_blob(digest, size, open_at, progress)
+        end.put_blob(digest, size, open_at, _checking(progress))
         with self._lock:
             self.stats.uploaded_blobs += 1
             self.stats.uploaded_bytes += size
@@ -608,6 +642,17 @@ class Pusher:
                 continue
             blobs.append(Blob(FILE_MEDIA_TYPE, p.read_bytes(), {FILE_NAME_ANNOTATION: name}))
         return blobs
+
+
+def _checking(progress: Callable[[int], None] | None) -> Callable[[int], None]:
+    """A progress callback that is also a cancellation check (uploads report every read)."""
+
+    def report(n: int) -> None:
+        cancel.check()
+        if progress is not None:
+            progress(n)
+
+    return report
 
 
 def _refused_content(e: RegistryResponseError) -> bool:

@@ -32,10 +32,10 @@ import hashlib
 import json
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from barge import cancel
 from barge.disk.applelz4 import AppleLZ4Encoder
 from barge.disk.chunker import ChunkDigests, ChunkPlan, hash_chunk
 from barge.disk.sizing import DEFAULT_FRAME_SIZE, format_size
@@ -198,8 +198,8 @@ class TartPush:
         chunk_size = self.chunk_size(disk.size)
         plans = self.plan(disk.name, disk.size, chunk_size)
         hash_frame = DEFAULT_FRAME_SIZE if chunk_size >= DEFAULT_FRAME_SIZE else chunk_size
-        p.stats.chunks = len(plans)
-        task = p.reporter.task(f"pushing {vm.name} (Tart format)", disk.size)
+        p.stats.chunks = p._chunks_total = len(plans)
+        task = cancel.checked(p.reporter.task(f"pushing {vm.name} (Tart format)", disk.size))
         # the unchanged-disk fast path keys chunks by i * chunk_size: only for a regular cut
         regular = all(
             pl.offset == i * chunk_size and pl.length == min(chunk_size, disk.size - pl.offset)
@@ -231,13 +231,13 @@ class TartPush:
                         p.stats.zero_chunks += 1  # still a layer: Tart places by order
                 desc = self._ensure_chunk(fd, plan, digests.udigest)
                 task.advance(plan.length)
+                p.chunk_done(plan.length)
                 return digests, tartfmt.DiskChunk(desc, plan.offset, plan.length, digests.udigest)
 
             workers = max(1, p.opts.concurrency)
-            with ThreadPoolExecutor(workers, thread_name_prefix="tartpush") as pool:
-                for digests, layer in pool.map(work, plans):  # in disk order
-                    rows.append([digests.udigest, [[d, z] for d, z in digests.frames]])
-                    layers.append(layer)
+            for digests, layer in cancel.parallel(work, plans, workers, name="tartpush"):
+                rows.append([digests.udigest, [[d, z] for d, z in digests.frames]])  # disk order
+                layers.append(layer)
             after = os.fstat(fd)
             if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
                 after.st_size,
@@ -249,7 +249,8 @@ class TartPush:
                     "stop whatever writes it and push again"
                 )
         finally:
-            os.close(fd)
+            if not cancel.abandoned():  # a worker still running may read through it
+                os.close(fd)
         if regular:
             p._remember_digests(
                 vm, chunk_size, hash_frame, {disk.name: rows}, {disk.name: before}, "content"

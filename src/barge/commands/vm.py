@@ -263,11 +263,12 @@ def prune(older_than: float | None, space_budget: str | None, dry_run: bool, fmt
     """Remove cached images: unreferenced ones, and by age or space budget. Never one in use."""
     store = Store()
     budget = parse_size(space_budget, what="--space-budget") if space_budget else None
-    removed = store.gc(
+    res = store.prune(
         older_than=older_than * 86400 if older_than is not None else None,
         space_budget=budget,
         dry_run=dry_run,
     )
+    removed = res.images
     if fmt == "json":
         emit_json(
             [{"digest": r.digest, "sizeOnDisk": r.size_on_disk, "dryRun": dry_run} for r in removed]
@@ -278,3 +279,8 @@ def prune(older_than: float | None, space_budget: str | None, dry_run: bool, fmt
         echo(f"{verb} {r.digest} ({format_size(r.size_on_disk)})")
     freed = sum(r.size_on_disk for r in removed)
     echo(f"{verb} {len(removed)} images, {format_size(freed)}")
+    if res.tmp_entries:
+        echo(
+            f"{verb} {res.tmp_entries} abandoned entries of tmp/ (interrupted or killed work), "
+            f"{format_size(res.tmp_bytes)}"
+        )

@@ -5,11 +5,16 @@ These are the only places barge touches a raw disk's layout on the host filesyst
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+from barge import cancel
 
 # ioctl FICLONE = _IOW(0x94, 9, int)
 FICLONE = 0x40049409
@@ -88,6 +93,21 @@ def reflink(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> bool:
     return ok
 
 
+def can_reflink(directory: str | os.PathLike[str]) -> bool:
+    """Whether files in ``directory`` can be cloned copy-on-write (tried on a 4 KiB file)."""
+    base = Path(directory) / f".reflink-probe-{uuid.uuid4().hex[:8]}"
+    src, dst = base.with_suffix(".a"), base.with_suffix(".b")
+    try:
+        src.write_bytes(b"\x01" * 4096)
+        return reflink(src, dst)
+    except OSError:
+        return False
+    finally:
+        for p in (src, dst):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 def copy_sparse(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], *, bufsize: int = 8 << 20
 ) -> int:
@@ -112,6 +132,7 @@ def copy_sparse(
             for off, length in data_extents(sfd, 0, size):
                 pos, stop = off, off + length
                 while pos < stop:
+                    cancel.check()
                     n = os.preadv(sfd, [mv[: min(bufsize, stop - pos)]], pos)
                     if n <= 0:
                         break

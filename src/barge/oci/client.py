@@ -32,6 +32,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import urllib3
 
+from barge import cancel
 from barge.errors import LimitError, RegistryError
 from barge.oci.auth import Authenticator, CredentialStore, default_home
 from barge.oci.errors import (
@@ -238,7 +239,7 @@ class BlobReader(io.RawIOBase):
                 f"transfer kept failing at byte {self._pos} ({type(err).__name__})"
             ) from None
         self._resumes += 1
-        time.sleep(policy.delay(min(self._resumes - 1, 3)))
+        cancel.sleep(policy.delay(min(self._resumes - 1, 3)))
         log.debug("blob %s: resuming at %d after %s", self.digest, self._pos, type(err).__name__)
         self._open()
 
@@ -432,7 +433,7 @@ class RegistryClient:
                 limit = min(policy.attempts, 3) if "refused" in e.message else policy.attempts
                 if attempt >= limit or time.monotonic() - started > policy.total:
                     raise
-                time.sleep(policy.delay(attempt - 1))
+                cancel.sleep(policy.delay(attempt - 1))
                 continue
             status = resp.status
             if status in ok or (missing_ok and status == 404):
@@ -462,7 +463,7 @@ class RegistryClient:
                     attempt,
                     delay,
                 )
-                time.sleep(delay)
+                cancel.sleep(delay)
                 continue
             data = self._read_error(resp, method)
             self._raise(status, data, resp.headers, what, kind)
@@ -764,7 +765,7 @@ class RegistryClient:
                         f"upload kept failing ({type(cause).__name__})"
                     ) from None
                 log.debug("upload of %s: fresh session after %s", what, type(cause).__name__)
-                time.sleep(self.retry.delay(attempt))
+                cancel.sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _upload_streamed(
@@ -1001,7 +1002,7 @@ class RegistryClient:
                 if failures >= policy.attempts * 2 or time.monotonic() - started > policy.total:
                     raise _Restart() from e
                 ra = e.retry_after if isinstance(e, TooManyRequests) else None
-                time.sleep(policy.delay(min(failures - 1, 4), ra))
+                cancel.sleep(policy.delay(min(failures - 1, 4), ra))
                 location, offset = self._upload_status(repo, location)
                 # progress follows the server-confirmed offset
                 report(offset - confirmed_sent)

@@ -37,9 +37,11 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
+import urllib3.connection
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import LocationValueError, SSLError
 
+from barge import cancel
 from barge.oci.errors import RegistryUnreachable
 
 __all__ = [
@@ -68,6 +70,34 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ValueError,
 )
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    """A connection whose socket a cancellation request shuts down (barge.cancel)."""
+
+    def connect(self) -> None:
+        super().connect()
+        cancel.track_socket(self.sock)
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        cancel.track_socket(self.sock)
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _pool_manager(**kw: Any) -> urllib3.PoolManager:
+    pm = urllib3.PoolManager(**kw)
+    pm.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    return pm
 
 
 def release(resp: urllib3.BaseHTTPResponse, *, drain: int = DRAIN_LIMIT) -> None:
@@ -218,7 +248,7 @@ class Transport:
             timeout=timeout,
             blocksize=BLOCKSIZE,
         )
-        self._verified = urllib3.PoolManager(ssl_context=self._ssl_context(), **common)
+        self._verified = _pool_manager(ssl_context=self._ssl_context(), **common)
         self._unverified: urllib3.PoolManager | None = None
         if insecure:
             # the user asked for it (--insecure); urllib3 would warn on every request
@@ -226,7 +256,7 @@ class Transport:
             ctx = ssl.create_default_context()
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-            self._unverified = urllib3.PoolManager(
+            self._unverified = _pool_manager(
                 ssl_context=ctx, cert_reqs="CERT_NONE", assert_hostname=False, **common
             )
         if debug and not log.handlers and not logging.getLogger().handlers:
@@ -364,6 +394,7 @@ class Transport:
         and puts an empty slot back in its (LIFO) pool, so the retry normally opens a new
         connection; any other pooled one it may get was put back finished (:func:`release`)."""
         for attempt in (0, 1):
+            cancel.check()  # no new request once the user asked to stop
             self._log_request(method, url, hdrs)
             try:
                 return self._pool_for(url).request(

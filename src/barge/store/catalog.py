@@ -10,6 +10,7 @@ References are columns, never file paths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -20,7 +21,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from barge.errors import NoSpaceError
+from barge.store.space import Reserve, is_no_space
 
 SCHEMA_VERSION = 1
 
@@ -138,10 +142,16 @@ class Catalog:
         self.path = path
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
+        # room for SQLite on a full disk (barge.store.space)
+        self.reserve = Reserve(path.with_suffix(".reserve"))
+        self.reserve.ensure()
         conn = self._conn()
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(_SCHEMA)
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.OperationalError as e:
+            self._failed(e)
         with self.tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
@@ -152,14 +162,31 @@ class Catalog:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
+            # opening creates the shared-memory file, which needs room
+            self.reserve.make_room()
             # the busy timeout first, so that nothing below meets a lock without waiting;
             # WAL mode is a property of the database file, set once by __init__
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
+            try:
+                conn.execute("PRAGMA busy_timeout=30000")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA foreign_keys=ON")
+            except sqlite3.OperationalError as e:
+                conn.close()
+                self._failed(e)
             self._local.conn = conn
         return conn
+
+    def _failed(self, e: sqlite3.Error) -> NoReturn:
+        """Re-raise an SQLite error; a full disk becomes a :class:`NoSpaceError` (exit 9)."""
+        if is_no_space(e, self.path.parent):
+            self.reserve.release()  # whatever is left of it: the next attempt gets the room
+            raise NoSpaceError(
+                f"no space left on the filesystem of {self.path.parent} to update the catalog",
+                hint="free some space there (`barge prune` removes abandoned work in tmp/ and "
+                "cached images nothing refers to) and run the command again",
+            ) from e
+        raise e
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -169,24 +196,36 @@ class Catalog:
         corner cases (another connection recovering or checkpointing the WAL): those are retried
         here, bounded, before giving up."""
         conn = self._conn()
+        self.reserve.make_room()
         for attempt in range(50):
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 break
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) and "busy" not in str(e) or attempt == 49:
-                    raise
+                    self._failed(e)
                 time.sleep(0.01 * (attempt + 1))
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as e:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")  # SQLite may have rolled back already (SQLITE_FULL)
+            if isinstance(e, sqlite3.OperationalError):
+                self._failed(e)
             raise
         else:
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                self._failed(e)
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        return list(self._conn().execute(sql, args).fetchall())
+        try:
+            return list(self._conn().execute(sql, args).fetchall())
+        except sqlite3.OperationalError as e:
+            self._failed(e)
 
     def close(self) -> None:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -404,16 +443,28 @@ class Catalog:
             db.execute("DELETE FROM lease_items WHERE lease_id = ?", (lease_id,))
             db.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
 
-    def expire_dead_leases(self) -> int:
-        """Drop leases whose process is gone (or whose PID was reused by another process)."""
-        dead = []
+    def dead_leases(self) -> set[str]:
+        """Leases whose process is gone (or whose PID was reused by another process). Reads
+        only, so it works on a full disk."""
+        dead = set()
         for lease_id, pid, proc_start in self.query("SELECT id, pid, proc_start FROM leases"):
             alive = process_start_time(int(pid))
             if alive is None or (proc_start and alive != proc_start):
-                dead.append(lease_id)
+                dead.add(str(lease_id))
+        return dead
+
+    def expire_dead_leases(self) -> int:
+        """Drop leases whose process is gone (or whose PID was reused by another process)."""
+        dead = self.dead_leases()
         for lease_id in dead:
             self.release_lease(lease_id)
         return len(dead)
+
+    def live_leased(self, kind: str) -> set[str]:
+        """What leases of living processes hold (reads only)."""
+        dead = self.dead_leases()
+        rows = self.query("SELECT lease_id, value FROM lease_items WHERE kind = ?", (kind,))
+        return {str(v) for lease_id, v in rows if str(lease_id) not in dead}
 
     def leased(self, kind: str) -> set[str]:
         rows = self.query(

@@ -26,9 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from barge import cancel
 from barge.errors import BusyError, ConflictError, NotFoundError, UsageError
 from barge.store.catalog import Catalog, ImageRow
+from barge.store.space import NotEnoughSpace, free_bytes
 from barge.store.vmconfig import VMConfig
+from barge.units import format_size
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -108,17 +111,22 @@ class VMLock:
         self.path = path
         self.name = name
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        flags = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        if not wait:
-            flags |= fcntl.LOCK_NB
+        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
         try:
-            fcntl.flock(self.fd, flags)
-        except BlockingIOError:
+            while True:
+                try:
+                    fcntl.flock(self.fd, flags)
+                    break
+                except BlockingIOError:
+                    if not wait:
+                        what = name if name.startswith("image ") else f"VM {name!r}"
+                        raise BusyError(
+                            f"{what} is in use by another barge process (running, or being written)"
+                        ) from None
+                    cancel.sleep(0.05)  # waiting, but never past a Ctrl-C
+        except BaseException:
             os.close(self.fd)
-            what = name if name.startswith("image ") else f"VM {name!r}"
-            raise BusyError(
-                f"{what} is in use by another barge process (running, or being written)"
-            ) from None
+            raise
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -261,7 +269,58 @@ class Store:
     def cached_images(self) -> list[ImageRow]:
         return [r for r in self.catalog.images() if (self.cache_dir / r.dirname).is_dir()]
 
+    # -- space ------------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        return free_bytes(self.home)
+
+    def require_space(self, need: int, what: str) -> None:
+        """Raise :class:`NotEnoughSpace` (a :class:`NoSpaceError`, exit 9) when ``need`` bytes
+        are more than is free."""
+        free = self.free_bytes()
+        if need > free:
+            raise NotEnoughSpace(
+                f"not enough space to {what}: it needs about {format_size(need)}, "
+                f"{format_size(free)} is free on the filesystem of {self.home}",
+                hint=self.space_hint(need - free),
+            )
+
+    def space_hint(self, short: int | None) -> str:
+        """What to free (at least ``short`` bytes, when known), and what ``barge prune`` would
+        give back."""
+        unused = sum(i.size_on_disk for i in self._unreferenced())
+        debris = sum(_allocated(p) for p in self.abandoned_tmp())
+        text = f"free at least {format_size(short)} there" if short else "free some space there"
+        if unused or debris:
+            parts = []
+            if debris:
+                parts.append(f"{format_size(debris)} of abandoned work in tmp/")
+            if unused:
+                parts.append(f"{format_size(unused)} of cached images nothing refers to")
+            text += f"; `barge prune` removes {' and '.join(parts)}"
+        return text + "; `barge prune --space-budget SIZE` also removes least recently used images"
+
+    def _unreferenced(self) -> list[ImageRow]:
+        referenced = {r.digest for r in self.catalog.refs()}
+        return [i for i in self.catalog.images() if i.digest not in referenced]
+
     # -- garbage collection ----------------------------------------------------------------
+    def prune(
+        self,
+        *,
+        older_than: float | None = None,
+        space_budget: int | None = None,
+        dry_run: bool = False,
+    ) -> PruneResult:
+        """``barge prune``: abandoned work in ``tmp/`` first (that frees space before the first
+        catalog write, so prune works on a full disk), then :meth:`gc`."""
+        entries, freed = self.clean_tmp(dry_run=dry_run)
+        images = self.gc(
+            older_than=older_than, space_budget=space_budget, dry_run=dry_run, clean_tmp=False
+        )
+        if not dry_run:
+            self.catalog.reserve.ensure()
+        return PruneResult(images, entries, freed)
+
     def gc(
         self,
         *,
@@ -270,15 +329,18 @@ class Store:
         dry_run: bool = False,
         remove_unreferenced: bool = True,
         only: set[str] | None = None,
+        clean_tmp: bool = True,
     ) -> list[ImageRow]:
         """The one GC routine. Removes (least recently used first) cached images that are
         unreferenced, older than ``older_than`` seconds, or over ``space_budget`` bytes; never
-        one under a lease or whose cache directory is locked by a running operation. Also
-        removes tmp debris whose lease is gone. Returns what was (or would be) removed."""
+        one under a lease or whose cache directory is locked by a running operation. With
+        ``clean_tmp``, also removes abandoned work in ``tmp/`` (:meth:`clean_tmp`). Returns
+        what was (or would be) removed."""
         cat = self.catalog
+        if clean_tmp and not dry_run:
+            self.clean_tmp()
         cat.expire_dead_leases()
         leased_images = cat.leased("image")
-        leased_paths = cat.leased("path")
         now = time.time()
         images = cat.images()  # least recently used first
         referenced = {r.digest for r in cat.refs()}
@@ -319,18 +381,62 @@ class Store:
                     shutil.rmtree(trash, ignore_errors=True)
             finally:
                 lock.release()
-        if dry_run:
-            return removed
-        self._clean_tmp(leased_paths, now)
         return removed
 
-    def _clean_tmp(self, leased_paths: set[str], now: float) -> None:
-        live = self.catalog.leased("path") | leased_paths
-        for entry in os.listdir(self.tmp_dir):
-            if entry in live:
-                continue
-            p = self.tmp_dir / entry
-            with contextlib.suppress(OSError):
-                # only debris from dead processes: every live staging dir is leased
-                if entry.startswith("gc-") or now - p.stat().st_mtime > 60:
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+    def abandoned_tmp(self) -> list[Path]:
+        """Entries of ``tmp/`` that no lease of a living process holds: work a killed or
+        interrupted process left (a resumable pull's staging directory among them), and GC
+        trash. Reads only. Every barge process adds a path to its lease *before* creating it,
+        so listing the directory before reading the leases never takes a live entry."""
+        entries = sorted(os.listdir(self.tmp_dir))
+        live = self.catalog.live_leased("path")
+        return [self.tmp_dir / e for e in entries if e not in live]
+
+    def clean_tmp(self, *, dry_run: bool = False) -> tuple[int, int]:
+        """Remove :meth:`abandoned_tmp` entries; returns (entries, bytes freed). Only files
+        are touched, not the catalog, so this works on a full disk. A pull's staging directory
+        is removed under its image's lock, so a pull resuming it right now keeps it."""
+        count = freed = 0
+        for p in self.abandoned_tmp():
+            lock = None
+            m = re.fullmatch(r"pull-([0-9a-f]{64})", p.name)
+            if m:
+                try:
+                    lock = self.image_lock(f"sha256:{m.group(1)}")
+                except BusyError:
+                    continue
+                except OSError:  # no room for the lock file: so no process holds that lock
+                    lock = None
+            try:
+                if lock is not None and p.name in self.catalog.live_leased("path"):
+                    continue
+                size = _allocated(p)
+                if not dry_run:
+                    with contextlib.suppress(OSError):
+                        if p.is_dir() and not p.is_symlink():
+                            shutil.rmtree(p)
+                        else:
+                            p.unlink()
+                    if p.exists():
+                        continue
+                count += 1
+                freed += size
+            finally:
+                if lock is not None:
+                    lock.release()
+        return count, freed
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    images: list[ImageRow]
+    tmp_entries: int  # abandoned entries of tmp/ removed
+    tmp_bytes: int  # and the bytes they held
+
+
+def _allocated(p: Path) -> int:
+    with contextlib.suppress(OSError):
+        if p.is_dir() and not p.is_symlink():
+            return dir_allocated_bytes(p)
+        return p.lstat().st_blocks * 512
+    return 0
