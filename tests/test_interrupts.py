@@ -28,13 +28,13 @@ RATE = 4 * MiB  # bytes per second per slowed request
 
 @pytest.fixture
 def source(barge_home: Path, tmp_path: Path) -> Path:
-    """Local VM ``src``: a 256 MiB sparse disk holding 64 MiB of random data (incompressible,
+    """Local VM ``src``: a 256 MiB sparse disk holding 40 MiB of random data (incompressible,
     so what crosses the proxy is what the disk holds)."""
     disk = tmp_path / "src.raw"
     rnd = random.Random(10)
     with open(disk, "wb") as f:
         f.truncate(256 * MiB)
-        f.write(rnd.randbytes(64 * MiB))
+        f.write(rnd.randbytes(40 * MiB))
     barge("create", "src", "--from-disk", str(disk))
     return barge_home / "vms" / "src" / "disk.img"
 
@@ -195,8 +195,7 @@ def test_interrupted_copy_keeps_finished_blobs_and_resumes(
     full = layer_bytes(registry, "intr/vm", "v1")
     resent = proxy.request_bytes("*", r"/blobs/uploads/")
     assert resent <= full - 16 * MiB, (resent, full)
-    verified = run_cli("verify", f"{registry2.host}/copied/vm:v1", "--deep", home=barge_home)
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # the clone pulls (and verifies) every layer of the copy
     assert clone_sha(tmp_path / "fresh", f"{registry2.host}/copied/vm:v1", "copy") == (
         sha256_file(source)
     )

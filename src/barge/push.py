@@ -54,7 +54,7 @@ from barge.disk.sizing import (
 )
 from barge.disk.sparse import data_extents
 from barge.endpoints import End, LayoutEnd, RegistryEnd, parse_location
-from barge.errors import Interrupted, LimitError, UnsupportedError, UsageError
+from barge.errors import Interrupted, LimitError, NoSpaceError, UnsupportedError, UsageError
 from barge.image import (
     FILE_MEDIA_TYPE,
     FILE_NAME_ANNOTATION,
@@ -69,6 +69,7 @@ from barge.oci.types import OCI_MANIFEST
 from barge.progress import NullReporter, Reporter
 from barge.store import VM, Store
 from barge.store.catalog import ChunkRow
+from barge.store.space import is_no_space
 from barge.units import format_size
 
 # what the file-state cache remembers per disk: chunk digests of one kind ("list": barge's
@@ -545,17 +546,29 @@ class Pusher:
         spool = spool_dir / f"push-{os.getpid()}-{threading.get_ident()}-{plan.offset}.layer"
         self.store.catalog.lease_add(self._lease_id, "path", [spool.name])
         try:
-            with open(spool, "wb+") as out:
-                enc = encode_chunk(
-                    fd,
-                    plan,
-                    fs,
-                    self.codec,
-                    out,
-                    known=digests,
-                    workers=FRAME_WORKERS,
-                    progress=task.advance,
-                )
+            try:
+                with open(spool, "wb+") as out:
+                    enc = encode_chunk(
+                        fd,
+                        plan,
+                        fs,
+                        self.codec,
+                        out,
+                        known=digests,
+                        workers=FRAME_WORKERS,
+                        progress=task.advance,
+                    )
+            except OSError as e:
+                if not is_no_space(e):
+                    raise
+                spool.unlink(missing_ok=True)
+                raise NoSpaceError(
+                    f"no space left in {spool_dir} for the compressed chunk at offset "
+                    f"{plan.offset} of disk {plan.disk!r}: a push to several registries "
+                    "compresses each chunk once into tmp/ (up to one chunk per --concurrency)",
+                    hint=self.store.space_hint(None) + "; or push to one registry at a time "
+                    "(then nothing is spooled)",
+                ) from e
             with self._lock:
                 self.stats.compressed_chunks += 1
             self._remember_chunk(enc, media_type)

@@ -280,7 +280,8 @@ def prune(older_than: float | None, space_budget: str | None, dry_run: bool, fmt
     freed = sum(r.size_on_disk for r in removed)
     echo(f"{verb} {len(removed)} images, {format_size(freed)}")
     if res.tmp_entries:
+        n = res.tmp_entries
         echo(
-            f"{verb} {res.tmp_entries} abandoned entries of tmp/ (interrupted or killed work), "
-            f"{format_size(res.tmp_bytes)}"
+            f"{verb} {n} abandoned {'entry' if n == 1 else 'entries'} of tmp/ (interrupted or "
+            f"killed work), {format_size(res.tmp_bytes)}"
         )
