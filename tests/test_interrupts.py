@@ -152,7 +152,7 @@ def test_interrupted_push_keeps_finished_chunks_and_resumes(
         lambda: _closed_uploads(proxy, MiB) >= 1 and proxy.request_bytes("PATCH") >= 20 * MiB,
         "one chunk uploaded and the next one under way",
     )
-    check_interrupted(proc, took, err, "are in the registry and the chunk index")
+    check_interrupted(proc, took, err, "are in the registry and in the chunk index")
     assert "run the same command to resume" in err
 
     proxy.clear()

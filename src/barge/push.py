@@ -255,7 +255,7 @@ class Pusher:
             return self._push_barge(vm, targets, lease_id)
         except Exception as e:
             if isinstance(e, Interrupted) or cancel.requested():
-                raise Interrupted(self.kept_message()) from e
+                raise Interrupted(self.kept_message(targets)) from e
             raise
 
     def chunk_done(self, length: int) -> None:
@@ -264,14 +264,18 @@ class Pusher:
             self._chunks_done += 1
             self._bytes_done += length
 
-    def kept_message(self) -> str:
+    def kept_message(self, targets: list[_Target]) -> str:
         """What an interrupted push leaves for the next run."""
+        kinds = {type(t.end) for t in targets}
+        if not kinds <= {RegistryEnd, LayoutEnd}:  # an archive being written is removed
+            return "interrupted: nothing was kept; run the same command to start again"
         if not self._chunks_done:
             return "interrupted: no chunk was complete yet; run the same command to push again"
+        where = "in the registry" if kinds == {RegistryEnd} else "at the destination"
         return (
             f"interrupted: {self._chunks_done} of {self._chunks_total} chunks "
-            f"({format_size(self._bytes_done)} of disk) are in the registry and the chunk "
-            "index; run the same command to resume (they are not sent again)"
+            f"({format_size(self._bytes_done)} of disk) are {where} and in the chunk index; "
+            "run the same command to resume (they are not sent again)"
         )
 
     def _push_barge(self, vm: VM, targets: list[_Target], lease_id: str) -> PushResult:
