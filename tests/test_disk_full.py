@@ -88,6 +88,21 @@ def image(barge_home: Path, tmp_path: Path, registry: RunningRegistry) -> tuple[
     return "full/vm:v1", sha256_file(disk)
 
 
+def slowed_pull(
+    image: tuple[str, str],
+    registry: RunningRegistry,
+    make_proxy: Callable[..., FaultProxy],
+    home: Path,
+    rate: int,
+) -> tuple[FaultProxy, str, subprocess.Popen[str]]:
+    """``barge pull`` of ``image`` into ``home`` started through a proxy that moves layers at
+    ``rate`` bytes/s: (the proxy, the reference pulled, the running process)."""
+    proxy = make_proxy(registry)
+    proxy.add(method="GET", path=r"/blobs/sha256:", action="slow", rate=rate, times=None)
+    ref = f"{proxy.host}/{image[0]}"
+    return proxy, ref, spawn("pull", ref, home=home)
+
+
 def cached_disk(home: Path) -> Path:
     (path,) = (home / "cache").glob("*/disk.img")
     return path
@@ -130,10 +145,7 @@ def test_running_out_of_space_mid_pull_gives_the_space_back_and_says_what_to_fre
 ) -> None:
     fs = small_fs("96M")
     home = fs / "home"
-    proxy = make_proxy(registry)
-    proxy.add(method="GET", path=r"/blobs/sha256:", action="slow", rate=4 * MiB, times=None)
-    ref = f"{proxy.host}/{image[0]}"
-    proc = spawn("pull", ref, home=home)
+    proxy, ref, proc = slowed_pull(image, registry, make_proxy, home, 4 * MiB)
 
     def writing() -> bool:
         return any(
@@ -159,10 +171,9 @@ def test_running_out_of_space_mid_pull_gives_the_space_back_and_says_what_to_fre
     assert sha256_file(cached_disk(home)) == image[1]
 
 
-def _killed_pull(ref: str, home: Path, proxy: FaultProxy, at: int) -> None:
-    """A pull SIGKILLed once ``at`` bytes of layers went through the proxy: its staging
+def _killed_pull(proxy: FaultProxy, proc: subprocess.Popen[str], at: int) -> None:
+    """SIGKILL a pull once ``at`` bytes of layers went through the proxy: its staging
     directory stays in tmp/ with no live lease holder."""
-    proc = spawn("pull", ref, home=home)
     try:
         wait_until(
             lambda: proc.poll() is not None or proxy.response_bytes("GET", "/blobs/") >= at,
@@ -182,9 +193,8 @@ def test_catalog_list_and_prune_work_on_a_full_disk(
 ) -> None:
     fs = small_fs("64M")
     home = fs / "home"
-    proxy = make_proxy(registry)
-    proxy.add(method="GET", path=r"/blobs/sha256:", action="slow", rate=8 * MiB, times=None)
-    _killed_pull(f"{proxy.host}/{image[0]}", home, proxy, 16 * MiB)
+    proxy, _ref, proc = slowed_pull(image, registry, make_proxy, home, 8 * MiB)
+    _killed_pull(proxy, proc, 16 * MiB)
     (staging,) = (home / "tmp").glob("pull-*")
     fill(fs)
     assert free_bytes(fs) == 0
@@ -228,10 +238,7 @@ def test_space_check_counts_what_an_interrupted_pull_kept(
 ) -> None:
     fs = small_fs("80M")
     home = fs / "home"
-    proxy = make_proxy(registry)
-    proxy.add(method="GET", path=r"/blobs/sha256:", action="slow", rate=8 * MiB, times=None)
-    ref = f"{proxy.host}/{image[0]}"
-    proc = spawn("pull", ref, home=home)
+    proxy, ref, proc = slowed_pull(image, registry, make_proxy, home, 8 * MiB)
     wait_until(lambda: proxy.response_bytes("GET", "/blobs/") >= 24 * MiB, 120, "downloading")
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)

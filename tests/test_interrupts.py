@@ -67,6 +67,7 @@ def interrupt(
 
 
 def check_interrupted(proc: subprocess.Popen[str], took: float, err: str, kept: str) -> None:
+    print(f"exited {took:.3f} s after the signal: {proc.args[3:5]}")  # the figure, with -s
     assert proc.returncode == 130, err
     assert took < STOP_WITHIN, f"exited {took:.2f} s after the signal"
     assert "Traceback" not in err and "internal error" not in err, err
@@ -134,6 +135,32 @@ def _closed_uploads(proxy: FaultProxy, min_bytes: int) -> int:
     return done
 
 
+def interrupt_upload_and_rerun(
+    proxy: FaultProxy, args: tuple[str, ...], home: Path, first: int, kept: str, image: str
+) -> None:
+    """Run ``barge ARGS``, SIGINT it once one upload of over 1 MiB finished and ``first``
+    bytes went up; check the interruption; run it again unslowed: it sends at least one
+    16 MiB layer less than the layers of ``image`` (``repo:tag`` behind the proxy)."""
+    proc = spawn(*args, home=home)
+    took, err = interrupt(
+        proc,
+        signal.SIGINT,
+        lambda: (
+            _closed_uploads(proxy, MiB) >= 1
+            and proxy.request_bytes("*", r"/blobs/uploads/") >= first
+        ),
+        "one layer uploaded and the next one under way",
+    )
+    check_interrupted(proc, took, err, kept)
+    assert "run the same command to resume" in err
+    proxy.clear()
+    again = run_cli(*args, home=home)
+    assert again.returncode == 0, again.stderr
+    resent = proxy.request_bytes("*", r"/blobs/uploads/")
+    full = layer_bytes(proxy.upstream, *image.split(":"))
+    assert resent <= full - 16 * MiB, (resent, full)  # finished layers were not sent again
+
+
 def test_interrupted_push_keeps_finished_chunks_and_resumes(
     source: Path,
     registry: RunningRegistry,
@@ -143,27 +170,11 @@ def test_interrupted_push_keeps_finished_chunks_and_resumes(
 ) -> None:
     proxy = make_proxy(registry)
     proxy.add(method="PATCH", path=r"/blobs/uploads/", action="slow", rate=RATE, times=None)
-    ref = f"{proxy.host}/intr/vm:v1"
-    args = ("push", "src", ref, "--chunk-size", "16M", "--concurrency", "1")
-    proc = spawn(*args, home=barge_home)
-    took, err = interrupt(
-        proc,
-        signal.SIGINT,
-        lambda: _closed_uploads(proxy, MiB) >= 1 and proxy.request_bytes("PATCH") >= 20 * MiB,
-        "one chunk uploaded and the next one under way",
-    )
-    check_interrupted(proc, took, err, "are in the registry and in the chunk index")
-    assert "run the same command to resume" in err
-
-    proxy.clear()
-    again = run_cli(*args, home=barge_home)
-    assert again.returncode == 0, again.stderr
-    full = layer_bytes(registry, "intr/vm", "v1")
-    resent = proxy.request_bytes("*", r"/blobs/uploads/")
-    assert resent <= full - 16 * MiB, (resent, full)  # the finished chunk was not sent again
-    assert clone_sha(tmp_path / "fresh", f"{registry.host}/intr/vm:v1", "copy") == sha256_file(
-        source
-    )
+    args = ("push", "src", f"{proxy.host}/intr/vm:v1", "--chunk-size", "16M", "--concurrency", "1")
+    kept = "are in the registry and in the chunk index"
+    interrupt_upload_and_rerun(proxy, args, barge_home, 20 * MiB, kept, "intr/vm:v1")
+    pulled = clone_sha(tmp_path / "fresh", f"{registry.host}/intr/vm:v1", "copy")
+    assert pulled == sha256_file(source)
 
 
 def test_interrupted_copy_keeps_finished_blobs_and_resumes(
@@ -178,24 +189,9 @@ def test_interrupted_copy_keeps_finished_blobs_and_resumes(
     barge("push", "src", src, "--chunk-size", "16M")
     proxy = make_proxy(registry2)
     proxy.add(method="PUT", path=r"/blobs/uploads/", action="slow", rate=RATE, times=None)
-    dst = f"{proxy.host}/copied/vm:v1"
-    args = ("copy", src, dst, "--concurrency", "2")
-    proc = spawn(*args, home=barge_home)
-    took, err = interrupt(
-        proc,
-        signal.SIGINT,
-        lambda: _closed_uploads(proxy, MiB) >= 1 and proxy.request_bytes("PUT") >= 36 * MiB,
-        "a layer copied and more under way",
-    )
-    check_interrupted(proc, took, err, "are at the destination")
-
-    proxy.clear()
-    again = run_cli(*args, home=barge_home)
-    assert again.returncode == 0, again.stderr
-    full = layer_bytes(registry, "intr/vm", "v1")
-    resent = proxy.request_bytes("*", r"/blobs/uploads/")
-    assert resent <= full - 16 * MiB, (resent, full)
+    args = ("copy", src, f"{proxy.host}/copied/vm:v1", "--concurrency", "2")
+    kept = "are at the destination"
+    interrupt_upload_and_rerun(proxy, args, barge_home, 36 * MiB, kept, "copied/vm:v1")
     # the clone pulls (and verifies) every layer of the copy
-    assert clone_sha(tmp_path / "fresh", f"{registry2.host}/copied/vm:v1", "copy") == (
-        sha256_file(source)
-    )
+    pulled = clone_sha(tmp_path / "fresh", f"{registry2.host}/copied/vm:v1", "copy")
+    assert pulled == sha256_file(source)
