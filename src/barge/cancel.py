@@ -238,11 +238,17 @@ def parallel(
     ]
     for t in threads:
         t.start()
-    while not done.wait(0.05):
-        if _event.is_set():
-            if not done.wait(GRACE):
-                _abandoned.set()
-            raise Interrupted("interrupted")
+    try:
+        while not done.wait(0.05):
+            if _event.is_set():
+                if not done.wait(GRACE):
+                    _abandoned.set()
+                raise Interrupted("interrupted")
+    except BaseException:
+        # workers left behind stop at their next check even after a reset() (the next
+        # command in this process) or a KeyboardInterrupt nobody turned into a request
+        stop.set()
+        raise
     if _event.is_set():
         raise Interrupted("interrupted")
     if errors:

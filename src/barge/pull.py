@@ -262,7 +262,7 @@ class Puller:
                 raise Interrupted("interrupted: this pull starts over when run again") from e
             what = f"kept {format_size(kept)} of verified frames" if kept else "kept"
             raise Interrupted(
-                f"interrupted: {what} in the staging area ({staging.name}); run the same "
+                f"interrupted: {what} in the staging area (tmp/{staging.name}); run the same "
                 "command to resume (`barge prune` discards it)"
             ) from e
         if isinstance(e, NotEnoughSpace):  # refused before writing: a resumable pull stays
