@@ -277,3 +277,31 @@ def test_a_push_spool_that_cannot_fit_is_exit_9_and_leaves_nothing(
     assert "one registry at a time" in r.stderr and "Traceback" not in r.stderr
     assert os.listdir(home / "tmp") == []
     assert run_cli("list", home=home).returncode == 0
+
+
+def test_a_base_too_big_to_copy_is_left_out_rather_than_refusing(
+    registry: RunningRegistry, small_fs: Callable[[str], Path], tmp_path: Path, barge_home: Path
+) -> None:
+    """On a filesystem without copy-on-write an incremental pull starts from a copy of the
+    base: when that copy does not fit but the image does, the pull goes on without the base."""
+    data = random.Random(5).randbytes(40 * MiB)
+    for name, size in (("big", 40 * MiB), ("small", 8 * MiB)):  # small shares big's start
+        raw = tmp_path / f"{name}.raw"
+        with open(raw, "wb") as f:
+            f.truncate(64 * MiB)
+            f.write(data[:size])
+        barge("create", name, "--from-disk", str(raw))
+        barge("push", name, f"{registry.host}/base/vm:{name}")
+    fs = small_fs("96M")
+    home = fs / "home"
+    assert run_cli("pull", f"{registry.host}/base/vm:big", home=home).returncode == 0
+    fill(fs, leave=20 * MiB)  # room for the small image, not for a copy of the big one
+    r = run_cli("pull", f"{registry.host}/base/vm:small", home=home)
+    assert r.returncode == 0, r.stderr
+    assert "pulling without it" in r.stderr
+    pulled = [
+        p
+        for p in (home / "cache").glob("*/disk.img")
+        if p.stat().st_size and (p.stat().st_blocks * 512 < 20 * MiB)
+    ]
+    assert len(pulled) == 1 and sha256_file(pulled[0]) == sha256_file(tmp_path / "small.raw")

@@ -281,14 +281,14 @@ class Puller:
                 hint=self.store.space_hint(need - free if need and need > free else None),
             ) from e
 
-    def _require_space(self, need: int, *, reflink: bool) -> None:
-        """Refuse (exit 9) before writing when ``need`` bytes (plus what a later clone copies)
-        do not fit."""
+    def _require_space(self, need: int, *, image: int, reflink: bool) -> None:
+        """Refuse (exit 9) before writing when ``need`` more bytes do not fit, counting the copy
+        of the ``image`` bytes a clone makes afterwards where it cannot clone copy-on-write."""
         what = f"pull {self._shown}"
         if self._then_clone:
             what = f"pull and clone {self._shown}"
             if not reflink:
-                need *= 2
+                need += image
         self._need = need + METADATA_ROOM
         self.store.require_space(self._need, what)
 
@@ -299,39 +299,43 @@ class Puller:
         resumed: set[str],
         base_dir: Path | None,
         base_index: FrameIndex | None,
-    ) -> None:
-        """What the disks will take: every non-zero frame's bytes (an upper bound: zero 4 KiB
-        blocks inside a frame stay holes), less what the staging directory already holds (a
-        resumed pull) or what a base shares copy-on-write; a base copied without reflink costs
-        its allocated bytes first."""
-        data = {
-            (d.name, fr.offset): fr.digest
-            for d in index.disks
-            for fr in d.iter_frames()
-            if not fr.zero
-        }
+    ) -> tuple[Path | None, FrameIndex | None]:
+        """Refuse (exit 9) unless the disks fit: every non-zero frame's bytes (an upper bound:
+        zero 4 KiB blocks inside a frame stay holes), less what the staging directory already
+        holds (a resumed pull) or what a base shares copy-on-write. A base that must be copied
+        costs its allocated bytes first: when that is what does not fit, the pull goes on
+        without the base. Returns the base to use."""
         final = sum(fr.usize for d in index.disks for fr in d.iter_frames() if not fr.zero)
         reflink = can_reflink(staging)
         if resumed:
             need = final - sum(allocated_bytes(staging / n) for n in resumed)
+        elif base_dir is not None and base_index is not None and reflink:
+            data = {
+                (d.name, fr.offset): fr.digest
+                for d in index.disks
+                for fr in d.iter_frames()
+                if not fr.zero
+            }
+            shared = sum(
+                fr.usize
+                for d in base_index.disks
+                for fr in d.iter_frames()
+                if not fr.zero and data.get((d.name, fr.offset)) == fr.digest
+            )
+            need = final - shared
         elif base_dir is not None and base_index is not None:
-            if reflink:
-                shared = sum(
-                    fr.usize
-                    for d in base_index.disks
-                    for fr in d.iter_frames()
-                    if not fr.zero and data.get((d.name, fr.offset)) == fr.digest
-                )
-                need = final - shared
-            else:
-                names = {d.name for d in index.disks}
-                copied = sum(
-                    allocated_bytes(base_dir / d.name) for d in base_index.disks if d.name in names
-                )
-                need = max(final, copied)
+            names = {d.name for d in index.disks}
+            copied = sum(
+                allocated_bytes(base_dir / d.name) for d in base_index.disks if d.name in names
+            )
+            need = max(final, copied)
+            if copied > final and need + METADATA_ROOM > self.store.free_bytes():
+                self.note("not enough space to copy the cached base: pulling without it")
+                base_dir, base_index, need = None, None, final
         else:
             need = final
-        self._require_space(max(0, need), reflink=reflink)
+        self._require_space(max(0, need), image=final, reflink=reflink)
+        return base_dir, base_index
 
     def _materialise(
         self,
@@ -381,7 +385,9 @@ class Puller:
         resumed = {n for n in disks if (staging / n).exists()}
         self._resumed = bool(resumed)
         base_dir, base_index = (None, None) if resumed else self._find_base(index, source)
-        self._check_space_barge(index, staging, resumed, base_dir, base_index)
+        base_dir, base_index = self._check_space_barge(
+            index, staging, resumed, base_dir, base_index
+        )
         base_label = None
         if base_dir is not None and base_index is not None:
             base_label = base_dir.name
@@ -626,9 +632,8 @@ class Puller:
         (staging / "oci-config.json").write_bytes(oci_cfg)
         # the layers say nothing about zeros: their compressed size is what the disk takes at
         # least (all-zero blocks become holes, data is rarely smaller than its compression)
-        self._require_space(
-            sum(c.descriptor.size for c in img.disk_chunks), reflink=can_reflink(staging)
-        )
+        least = sum(c.descriptor.size for c in img.disk_chunks)
+        self._require_space(least, image=least, reflink=can_reflink(staging))
         disk = staging / "disk.img"
         self._decode_streams(
             end,
@@ -690,10 +695,8 @@ class Puller:
             (staging / "initramfs").write_bytes(
                 _read_small(end, img.initramfs.digest, MAX_SMALL_BLOB * 8)
             )
-        self._require_space(
-            sum(c.descriptor.size for d in img.disks for c in d.chunks),
-            reflink=can_reflink(staging),
-        )
+        least = sum(c.descriptor.size for d in img.disks for c in d.chunks)
+        self._require_space(least, image=least, reflink=can_reflink(staging))
         disks = []
         for d in img.disks:
             self._decode_streams(
