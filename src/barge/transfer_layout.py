@@ -147,10 +147,10 @@ def import_image(
         elif ok:
             dropped.add(res.digest)
         orphans = {d for d in dropped if not cat.refs(d)}
-        if orphans:
+        if orphans:  # resumable work of other pulls in tmp/ stays (only prune removes it)
             if ok:
-                store.gc(only=orphans)
+                store.gc(only=orphans, clean_tmp=False)
             else:  # the clone's error is the one to report
                 with contextlib.suppress(BargeError, OSError):
-                    store.gc(only=orphans)
+                    store.gc(only=orphans, clean_tmp=False)
     return {"source": text, "digest": res.digest, "format": res.format, "name": name}
