@@ -21,6 +21,7 @@ class ExitCode:
     NO_SPACE = 9  # disk full
     LIMIT = 10  # a registry or format limit cannot be met
     UNSUPPORTED = 11  # a format or feature barge refuses on purpose
+    NOT_RUNNING = 12  # the VM is not running (stop, ip, ssh, exec of a stopped VM)
     INTERRUPTED = 130
 
 
@@ -74,6 +75,10 @@ class LimitError(BargeError):
 
 class UnsupportedError(BargeError):
     exit_code = ExitCode.UNSUPPORTED
+
+
+class NotRunningError(BargeError):
+    exit_code = ExitCode.NOT_RUNNING
 
 
 class RegistryError(BargeError):

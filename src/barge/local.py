@@ -19,7 +19,9 @@ from barge.disk.sparse import allocated_bytes, can_reflink, clone_file
 from barge.errors import ConflictError, NoSpaceError, UsageError
 from barge.store import VM, Disk, Store, VMConfig, validate_vm_name
 from barge.store.space import is_no_space
-from barge.store.vmconfig import ARCHES, OSES, random_mac
+from barge.store.vmconfig import ARCHES, OSES, random_mac, validate_ssh_user
+from barge.vm.boot import INITRAMFS_FILE, KERNEL_FILE, validate_create
+from barge.vm.state import status
 
 DEFAULT_DISK_NAME = "disk.img"
 # files of a cached image that describe it rather than belong to the VM
@@ -109,8 +111,15 @@ def create_vm(
     os_name: str = "linux",
     arch: str = "x86_64",
     boot: str = "uefi",
+    kernel: Path | None = None,
+    initramfs: Path | None = None,
+    cmdline: str = "",
+    ssh_user: str | None = None,
 ) -> VM:
     validate_vm_name(name)
+    validate_create(boot, kernel, initramfs, arch)
+    if ssh_user is not None:
+        validate_ssh_user(ssh_user)
     if os_name not in OSES:
         raise UsageError(f"unknown --os {os_name!r}: choose one of {', '.join(OSES)}")
     if arch not in ARCHES:
@@ -139,6 +148,17 @@ def create_vm(
                 disks=[Disk(DEFAULT_DISK_NAME, size)],
                 boot=boot,
             )
+            if kernel is not None:
+                clone_file(kernel, tmp / KERNEL_FILE)
+                if initramfs is not None:
+                    clone_file(initramfs, tmp / INITRAMFS_FILE)
+                cfg.set_kernel_boot(
+                    KERNEL_FILE, INITRAMFS_FILE if initramfs is not None else None, cmdline
+                )
+            elif cmdline:
+                raise UsageError("--cmdline goes with --boot kernel")
+            if ssh_user is not None:
+                cfg.set("sshUser", ssh_user)
             (tmp / "config.json").write_bytes(cfg.to_bytes())
             store.publish_dir(tmp, store.vm_path(name))
     return store.get_vm(name)
@@ -176,7 +196,8 @@ def set_vm(
 def clone_vm(store: Store, src: str, dst: str) -> CloneResult:
     """Clone a local VM: copy-on-write where the filesystem can, else a sparse copy."""
     validate_vm_name(dst)
-    with store.lock_vm(src, shared=True), store.lock_vm(dst):
+    hint = f"or `barge clone --force {src} {dst}` for a crash-consistent copy of it running"
+    with store.lock_vm(src, shared=True, running_hint=hint), store.lock_vm(dst):
         vm = store.get_vm(src)
         if store.vm_exists(dst):
             raise ConflictError(f"a VM named {dst!r} already exists")
@@ -219,6 +240,7 @@ def clone_dir(store: Store, src_dir: Path, config: VMConfig, dst: str) -> CloneR
             shutil.copyfile(p, tmp / extra)  # e.g. NVRAM
         cfg = VMConfig(config.to_dict())
         cfg.mac_address = random_mac()  # two clones must not share a MAC on one network
+        cfg.set("instanceUuid", None)  # a new machine to cloud-init (it made a new MAC too)
         (tmp / "config.json").write_bytes(cfg.to_bytes())
         store.publish_dir(tmp, store.vm_path(dst))
     method = "reflink" if methods == {"reflink"} else "sparse-copy"
@@ -239,7 +261,8 @@ def rename_vm(store: Store, old: str, new: str) -> VM:
 
 
 def delete_vm(store: Store, name: str) -> None:
-    with store.lock_vm(name):
+    hint = f"or `barge delete --force {name}` to stop and delete it"
+    with store.lock_vm(name, running_hint=hint):
         vm = store.get_vm(name)
         trash = store.tmp_dir / f"gc-{uuid.uuid4().hex[:12]}"
         os.rename(vm.path, trash)  # disappears from `list` atomically
@@ -249,7 +272,7 @@ def delete_vm(store: Store, name: str) -> None:
 
 def vm_info(store: Store, vm: VM) -> dict[str, Any]:
     cfg = vm.config
-    return {
+    info: dict[str, Any] = {
         "name": vm.name,
         "source": "local",
         "os": cfg.os,
@@ -270,6 +293,18 @@ def vm_info(store: Store, vm: VM) -> dict[str, Any]:
             for d in cfg.disks
         ],
         "sizeOnDisk": store.vm_disk_usage(vm),
-        "state": "locked" if store.is_locked(vm.name) else "stopped",
+        "state": "stopped",
         "origin": cfg.source,
+        "sshUser": cfg.ssh_user,
     }
+    if cfg.boot == "kernel":
+        info.update(kernel=cfg.kernel, initramfs=cfg.initramfs, cmdline=cfg.cmdline)
+    if cfg.nvram:
+        info["nvram"] = cfg.nvram
+    run = status(vm.path, lambda: store.try_lock_vm(vm.name))
+    if run["running"]:
+        info.update(state="running", run=run)
+    elif store.is_locked(vm.name):
+        info["state"] = "locked"
+    info["running"] = run["running"]
+    return info

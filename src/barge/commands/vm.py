@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from barge import local
-from barge.cli import echo, emit_json, format_option, main
+from barge.cli import echo, emit_json, format_option, main, warn
 from barge.store import Store
 from barge.units import format_size, parse_size
 from barge.untrusted import printable
@@ -46,8 +46,35 @@ def _print_vm(info: dict[str, Any]) -> None:
             f"({format_size(d.get('allocated', 0))} allocated)"
         )
     echo(f"on disk:  {format_size(info['sizeOnDisk'])}")
+    if info.get("boot"):
+        echo(f"boot:     {info['boot']}")
+    if info.get("kernel"):
+        initrd = f" + {info['initramfs']}" if info.get("initramfs") else ""
+        echo(f"kernel:   {info['kernel']}{initrd}")
+        echo(f"cmdline:  {info.get('cmdline') or ''}")
+    if info.get("nvram"):
+        echo(f"nvram:    {info['nvram']}")
+    if info.get("sshUser"):
+        echo(f"ssh user: {info['sshUser']}")
     if info.get("state"):
-        echo(f"state:    {info['state']}")
+        echo(f"state:    {_state_text(info)}")
+    run = info.get("run") or {}
+    for f in run.get("forwards", []):
+        echo(
+            f"publish:  {f['hostAddress']}:{f['hostPort']} -> {f['guestPort']}/{f['protocol']}"
+        )
+    if run.get("vnc"):
+        echo(f"vnc:      {run['vnc']}")
+    if run.get("serialLog"):
+        echo(f"serial:   {run['serialLog']}")
+
+
+def _state_text(info: dict[str, Any]) -> str:
+    run = info.get("run") or {}
+    if not run.get("running"):
+        return str(info.get("state", ""))
+    where = f"ssh {run['ssh']}" if run.get("ssh") else f"{run.get('network')}, no address yet"
+    return f"running ({where}, pid {run['pid']}, {run['accel']})"
 
 
 @main.command()
@@ -62,7 +89,19 @@ def _print_vm(info: dict[str, Any]) -> None:
 @click.option("--memory", callback=_size, default="4G", show_default=True)
 @click.option("--os", "os_name", default="linux", show_default=True, help="linux, darwin, windows")
 @click.option("--arch", default="x86_64", show_default=True, help="x86_64 or aarch64")
-@click.option("--boot", type=click.Choice(["uefi", "bios"]), default="uefi", show_default=True)
+@click.option(
+    "--boot",
+    type=click.Choice(["uefi", "bios", "kernel"]),
+    help="How the VM boots: UEFI firmware (the default), BIOS, or a kernel (--kernel).",
+)
+@click.option(
+    "--kernel",
+    type=click.Path(path_type=Path),
+    help="Boot this Linux kernel directly (copied into the VM); implies --boot kernel.",
+)
+@click.option("--initramfs", type=click.Path(path_type=Path), help="The kernel's initramfs.")
+@click.option("--cmdline", default="", help="The kernel command line, e.g. 'console=ttyS0'.")
+@click.option("--user", "ssh_user", help="The guest user of `barge ssh/exec` (default: root).")
 @format_option
 def create(
     name: str,
@@ -72,7 +111,11 @@ def create(
     memory: int,
     os_name: str,
     arch: str,
-    boot: str,
+    boot: str | None,
+    kernel: Path | None,
+    initramfs: Path | None,
+    cmdline: str,
+    ssh_user: str | None,
     fmt: str,
 ) -> None:
     """Create a local VM with an empty sparse disk or an imported one."""
@@ -86,7 +129,11 @@ def create(
         memory=memory,
         os_name=os_name,
         arch=arch,
-        boot=boot,
+        boot=boot or ("kernel" if kernel is not None else "uefi"),
+        kernel=kernel,
+        initramfs=initramfs,
+        cmdline=cmdline,
+        ssh_user=ssh_user,
     )
     if fmt == "json":
         emit_json(local.vm_info(store, vm))
@@ -136,8 +183,10 @@ def rename(old: str, new: str) -> None:
     echo(f"renamed {old} to {new}")
 
 
-def clone_local(src: str, dst: str) -> None:
-    res = local.clone_vm(Store(), src, dst)
+def clone_local(src: str, dst: str, *, force: bool = False) -> None:
+    from barge.vm import runner
+
+    res = runner.clone(Store(), src, dst, force=force)
     how = (
         "copy-on-write"
         if res.method == "reflink"
@@ -146,8 +195,10 @@ def clone_local(src: str, dst: str) -> None:
     echo(f"cloned {src} to {dst} ({how})")
 
 
-def delete_local(name: str) -> None:
-    local.delete_vm(Store(), name)
+def delete_local(name: str, *, force: bool = False) -> None:
+    from barge.vm import runner
+
+    runner.delete(Store(), name, force=force, note=warn)
     echo(f"deleted {name}")
 
 
@@ -195,7 +246,7 @@ def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
                     format_size(sum(d["size"] for d in r["disks"])),
                     format_size(r["sizeOnDisk"]),
                     digest.removeprefix("sha256:")[:12],
-                    _ago(now - r["lastUsed"]) if r.get("lastUsed") else r.get("state", ""),
+                    _ago(now - r["lastUsed"]) if r.get("lastUsed") else _state_text(r),
                 )
             )
         )
@@ -211,14 +262,25 @@ def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
 @click.option("--platform", help="OS/ARCH to pick from a multi-platform index.")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Clone a running VM too: paused for the copy, a crash-consistent copy.",
+)
 def clone(
-    source: str, name: str, concurrency: int, platform: str | None, insecure: bool, quiet: bool
+    source: str,
+    name: str,
+    concurrency: int,
+    platform: str | None,
+    insecure: bool,
+    quiet: bool,
+    force: bool,
 ) -> None:
     """Clone a local VM, or an image REFERENCE (pulled if needed), into a new local VM."""
     from barge.reference import looks_like_reference
 
     if not looks_like_reference(source):
-        clone_local(source, name)
+        clone_local(source, name, force=force)
         return
     from barge.cache import clone_image
     from barge.progress import ConsoleReporter
@@ -241,7 +303,8 @@ def clone(
 
 @main.command()
 @click.argument("names", nargs=-1, required=True)
-def delete(names: tuple[str, ...]) -> None:
+@click.option("--force", is_flag=True, help="Stop a running VM first (QEMU quit), then delete.")
+def delete(names: tuple[str, ...], force: bool) -> None:
     """Delete local VMs, or cached images by reference."""
     from barge.cache import delete_cached
     from barge.reference import looks_like_reference
@@ -251,7 +314,7 @@ def delete(names: tuple[str, ...]) -> None:
             for ref in delete_cached(Store(), n):
                 echo(f"deleted {ref}")
         else:
-            delete_local(n)
+            delete_local(n, force=force)
 
 
 @main.command()

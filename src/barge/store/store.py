@@ -133,6 +133,12 @@ class VMLock:
             os.close(self.fd)
             self.fd = -1
 
+    def __enter__(self) -> VMLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
 
 class Store:
     def __init__(self, home: Path | None = None) -> None:
@@ -156,15 +162,56 @@ class Store:
             self._catalog.close()
 
     # -- locks, staging, leases ------------------------------------------------------------
+    def vm_lock(
+        self,
+        name: str,
+        *,
+        shared: bool = False,
+        wait: bool = False,
+        running_hint: str | None = None,
+    ) -> VMLock:
+        """Take VM ``name``'s lock (the caller releases it). A running VM's lock is held by
+        its QEMU: then the error says the VM is running, with ``running_hint`` if given."""
+        try:
+            return VMLock(
+                self.locks_dir / f"vm.{validate_vm_name(name)}.lock",
+                name,
+                shared=shared,
+                wait=wait,
+            )
+        except BusyError:
+            from barge.vm.state import running
+
+            st = running(self.vm_path(name))
+            if st is None:
+                raise
+            hint = f"stop it first: `barge stop {name}`"
+            raise BusyError(
+                f"VM {name!r} is running (QEMU pid {st.pid})",
+                hint=f"{hint}, {running_hint}" if running_hint else hint,
+            ) from None
+
     @contextlib.contextmanager
-    def lock_vm(self, name: str, *, shared: bool = False, wait: bool = False) -> Iterator[VMLock]:
-        lock = VMLock(
-            self.locks_dir / f"vm.{validate_vm_name(name)}.lock", name, shared=shared, wait=wait
-        )
+    def lock_vm(
+        self,
+        name: str,
+        *,
+        shared: bool = False,
+        wait: bool = False,
+        running_hint: str | None = None,
+    ) -> Iterator[VMLock]:
+        lock = self.vm_lock(name, shared=shared, wait=wait, running_hint=running_hint)
         try:
             yield lock
         finally:
             lock.release()
+
+    def try_lock_vm(self, name: str) -> VMLock | None:
+        """The VM's exclusive lock if it is free right now, else None."""
+        try:
+            return self.vm_lock(name)
+        except BusyError:
+            return None
 
     def is_locked(self, name: str) -> bool:
         try:

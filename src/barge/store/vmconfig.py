@@ -24,6 +24,16 @@ BOOT_METHODS = ("uefi", "bios", "kernel")
 #: are all of this shape.
 _DISK_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+#: the SSH user when a VM names none (barge's NoCloud seed gives root the store's key)
+DEFAULT_SSH_USER = "root"
+
+
+def validate_ssh_user(user: str) -> str:
+    if not _USER_RE.match(user):
+        raise UsageError(f"invalid user name {user!r}: letters, digits, '_', '.', '-'")
+    return user
+
 
 # OCI platform names <-> barge's arch names
 OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -129,6 +139,17 @@ class VMConfig:
         mac = d.get("macAddress")
         if mac is not None and (not isinstance(mac, str) or not _MAC_RE.match(mac)):
             raise IntegrityError(f"VM config has an invalid macAddress {mac!r}")
+        for key in ("kernel", "initramfs", "nvram"):
+            if d.get(key) is not None:
+                name = validate_disk_name(d[key])
+                if name in names or name == "config.json":
+                    raise IntegrityError(f"VM config names {name!r} as {key} and as a disk")
+        for key in ("cmdline", "sshUser", "instanceUuid"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise IntegrityError(f"VM config field {key!r} must be a string")
+        user = d.get("sshUser")
+        if user is not None and not _USER_RE.match(user):
+            raise IntegrityError(f"VM config has an invalid sshUser {user!r}")
 
     # -- accessors -------------------------------------------------------------------------
     @property
@@ -162,6 +183,39 @@ class VMConfig:
     @property
     def boot(self) -> str:
         return str(self._data.get("boot", "uefi"))
+
+    @property
+    def kernel(self) -> str | None:
+        """The kernel's file name in the VM directory (direct kernel boot)."""
+        v = self._data.get("kernel")
+        return str(v) if v else None
+
+    @property
+    def initramfs(self) -> str | None:
+        v = self._data.get("initramfs")
+        return str(v) if v else None
+
+    @property
+    def cmdline(self) -> str:
+        return str(self._data.get("cmdline") or "")
+
+    @property
+    def nvram(self) -> str | None:
+        """The file name of the VM's EFI variable store, once one was made."""
+        v = self._data.get("nvram")
+        return str(v) if v else None
+
+    @property
+    def ssh_user(self) -> str:
+        return str(self._data.get("sshUser") or DEFAULT_SSH_USER)
+
+    def set_kernel_boot(self, kernel: str, initramfs: str | None, cmdline: str) -> None:
+        self._data.update(boot="kernel", kernel=kernel, cmdline=cmdline)
+        if initramfs:
+            self._data["initramfs"] = initramfs
+        else:
+            self._data.pop("initramfs", None)
+        self._validate()
 
     @property
     def mac_address(self) -> str | None:
