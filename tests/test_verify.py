@@ -17,7 +17,8 @@ from barge.store import Store
 from barge.verify import verify
 from registry_fixtures import RunningRegistry, push_image
 from test_copy_registry import SMALL, barge, make_vm
-from test_tart_vetu import push_tart, push_vetu, sha, vector_chunks, vetu_disks
+from test_tart_vetu import push_tart, sha, vector_chunks, vetu_disks
+from vetu_images import push_vetu
 
 MiB = 1 << 20
 

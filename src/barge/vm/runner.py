@@ -422,10 +422,11 @@ def supervise(started: Started, note: Note) -> RunResult:
 # -- stop -----------------------------------------------------------------------------------
 
 
-def _not_running(store: Store, vm: VM) -> NotRunningError:
+def _not_running(store: Store, vm: VM, *, hint: bool = True) -> NotRunningError:
     observe(store, vm)  # cleans a stale state
     return NotRunningError(
-        f"VM {vm.name!r} is not running", hint=f"start it: `barge run {vm.name} --detach`"
+        f"VM {vm.name!r} is not running",
+        hint=f"start it: `barge run {vm.name} --detach`" if hint else None,
     )
 
 
@@ -443,7 +444,7 @@ def stop(store: Store, name: str, timeout: float, note: Note) -> StopResult:
     vm = store.get_vm(name)
     st = state.running(vm.path)
     if st is None:
-        raise _not_running(store, vm)
+        raise _not_running(store, vm, hint=False)
     qmp_path = state.run_dir(vm.path) / state.QMP_SOCKET
     t0 = time.monotonic()
     how = "acpi"
@@ -485,37 +486,42 @@ def stop(store: Store, name: str, timeout: float, note: Note) -> StopResult:
 
 
 def endpoint(store: Store, name: str, wait: float | None = None) -> access.Endpoint:
-    """Where the guest's SSH answers. With ``wait``, wait up to that many seconds for the
-    guest's SSH server to answer (its banner), else fail with the serial log's last lines."""
+    """Where the guest's SSH answers. With ``wait``, wait up to that many seconds for the VM
+    to be running (a ``run`` may be starting it) and its SSH server to answer (its banner),
+    else fail with the serial log's last lines."""
     vm = store.get_vm(name)
     st = observe(store, vm)
-    if st is None:
-        raise _not_running(store, vm)
     if wait is None:
+        if st is None:
+            raise _not_running(store, vm)
         ep = state.endpoint_of(st)
         if ep is None:
             raise NotFoundError(
                 f"the address of {name!r} on its bridge is not known yet (no ARP entry for "
                 f"{st.mac})",
-                hint="wait for it: `barge ip NAME --wait 60`",
+                hint=f"wait for it: `barge ip {name} --wait 60`",
             )
         return ep
     deadline = time.monotonic() + wait
-    ep = None
+    seen: state.RunState | None = None
     while True:
-        ep = state.endpoint_of(st)
-        left = deadline - time.monotonic()
-        if ep is not None and access.wait_for_ssh(
-            ep, max(0.0, min(left, 2.0)), lambda: state.alive(st)
-        ):
-            return ep
-        if not state.alive(st):
-            observe(store, vm)
+        st = observe(store, vm)
+        if st is None and seen is not None:
             raise NotRunningError(
                 f"VM {name!r} stopped while waiting for its SSH", hint=serial_hint(vm)
             )
+        if st is not None:
+            seen = st
+            ep = state.endpoint_of(st)
+            left = deadline - time.monotonic()
+            if ep is not None and access.wait_for_ssh(
+                ep, max(0.0, min(left, 2.0)), lambda: state.alive(st)
+            ):
+                return ep
         if time.monotonic() >= deadline:
-            where = f"on {ep}" if ep else "(no address yet)"
+            if seen is None:
+                raise NotRunningError(f"VM {name!r} is not running (waited {wait:g} s)")
+            where = f"on {state.endpoint_of(seen) or '(no address yet)'}"
             raise BargeError(
                 f"VM {name!r} did not answer SSH {where} within {wait:g} s", hint=serial_hint(vm)
             )

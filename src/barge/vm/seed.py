@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 SECTOR = 2048
+PADDING_SECTORS = 150
 VOLUME_ID = "cidata"
 
 
@@ -135,7 +136,9 @@ def build_iso(
     for n in names:
         extents[n] = nxt
         nxt += max(1, -(-len(files[n]) // SECTOR))
-    total = nxt
+    # 150 sectors of padding, as genisoimage adds: readers probing other filesystems read
+    # past a tiny image's end and give up (busybox's findfs does, below 128 KiB)
+    total = nxt + PADDING_SECTORS
 
     def root_dir(joliet: bool, own: int) -> bytes:
         recs = _dir_record(b"\0", own, SECTOR, True, t) + _dir_record(b"\1", own, SECTOR, True, t)
