@@ -276,11 +276,14 @@ def test_stop_powers_off_through_acpi(tiny: str, home: Path) -> None:
 
 
 def test_foreground_run_ctrl_c_powers_off(tiny: str, home: Path) -> None:
+    """In the foreground with the serial console on stdout (--serial), a --publish'd port;
+    SIGINT (a terminal's Ctrl-C) asks the guest to power off through ACPI."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         published = s.getsockname()[1]
     proc = subprocess.Popen(
-        [BARGE, "run", tiny, "--publish", f"{published}:22"],
+        [BARGE, "run", tiny, "--serial", "--publish", f"{published}:22"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -299,6 +302,9 @@ def test_foreground_run_ctrl_c_powers_off(tiny: str, home: Path) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, (out, err)
+    assert "barge-tiny-guest: ready" in out  # the console on the terminal
+    serial = (home / "vms" / tiny / ".run" / "serial.log").read_text(errors="replace")
+    assert "barge-tiny-guest: ready" in serial  # and in the log
     assert "asking the guest to power off (ACPI)" in err and "tiny stopped (powered off)" in err
     assert "Traceback" not in err
     assert info(tiny)["state"] == "stopped"
@@ -371,6 +377,57 @@ def test_cycle_through_a_registry_and_a_killed_qemu(
     assert read_at(home / "vms" / "tiny2" / "disk.img", MARKER_OFFSET, 14) == b"barge-marker-2"
     assert "not running" in barge("stop", "tiny2", code=ExitCode.NOT_RUNNING)
     barge("delete", "tiny2")
+
+
+# -- bridged networking, in a network namespace ------------------------------------------------
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace with a bridge br0 at 10.0.2.2/24 (the tiny guest's gateway when no
+    DHCP answers, which then takes 10.0.2.15)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("bridged networking needs root and iproute2")
+    name = f"barge-test-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (
+            "link add br0 type bridge",
+            "addr add 10.0.2.2/24 dev br0",
+            "link set br0 up",
+            "link set lo up",
+        ):
+            subprocess.run(["ip", "-n", name, *cmd.split()], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_bridged_network(tiny: str, home: Path, netns: str) -> None:
+    def in_ns(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", netns, BARGE, *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+    bad = in_ns("run", tiny, "--detach", "--net-bridged", "nosuchbr0")
+    assert bad.returncode == ExitCode.USAGE and "no such network interface" in bad.stderr
+    res = in_ns("run", tiny, "--detach", "--net-bridged", "br0")
+    assert res.returncode == 0 and "bridged on br0" in res.stdout, res
+    tap = info(tiny)["run"]
+    assert tap["network"] == "bridged:br0"
+    links = subprocess.run(
+        ["ip", "-n", netns, "link", "show", "master", "br0"], capture_output=True, text=True
+    ).stdout
+    assert "barge" in links  # the VM's tap, enslaved to the bridge
+    ip = in_ns("ip", tiny, "--wait", SSH_WAIT)
+    assert (ip.returncode, ip.stdout) == (0, "10.0.2.15\n"), ip  # found by its MAC (ARP)
+    out = in_ns("exec", tiny, "cat", "/sys/class/net/eth0/address")
+    assert out.stdout.strip() == info(tiny)["macAddress"]
+    assert in_ns("stop", tiny).stdout.startswith("stopped tiny (powered off")
 
 
 # -- a Vetu image made from the tiny guest ------------------------------------------------------

@@ -142,7 +142,7 @@ def ip(name: str, wait: float | None, fmt: str) -> None:
     if fmt == "json":
         emit_json({"address": ep.host, "port": ep.port})
     else:
-        click.echo(str(ep))
+        click.echo(ep.address)
 
 
 _access_options = [

@@ -44,9 +44,15 @@ class Endpoint:
 
     host: str
     port: int
+    forwarded: bool = True  # a host port forwarded by QEMU, not the guest's own address
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """What ``barge ip`` prints: the guest's own address, or host:port when forwarded."""
+        return str(self) if self.forwarded else self.host
 
 
 def need_tool(name: str, package: str) -> str:

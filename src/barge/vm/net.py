@@ -8,12 +8,16 @@ picks it; if another process takes it before QEMU binds it, barge retries with a
 ``--net-bridged IF`` (root only) gives the guest a tap device that QEMU creates and barge
 enslaves to the bridge ``IF`` while the guest is still paused, so the guest is on the LAN
 from its first packet; the tap vanishes with QEMU. The guest's address is then whatever it got
-on that LAN: barge finds it by the VM's MAC in the host's neighbour (ARP) table.
+on that LAN: barge finds it by the VM's MAC in the host's neighbour (ARP) table. While
+``ip --wait`` waits, barge prods the bridge's own IPv4 subnets (up to a /22) with one UDP
+datagram per address, so the host ARPs for each and learns the guest's MAC.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import json
 import os
 import re
 import socket
@@ -147,3 +151,42 @@ def neighbour_address(mac: str, arp_table: Path = Path("/proc/net/arp")) -> str 
         if len(cols) >= 4 and cols[3].lower() == mac.lower() and int(cols[2], 16) & 0x2:
             return cols[0]
     return None
+
+
+def bridge_networks(bridge: str) -> list[ipaddress.IPv4Interface]:
+    proc = subprocess.run(
+        ["ip", "-j", "-4", "addr", "show", "dev", bridge],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        doc = json.loads(proc.stdout or "[]")
+    except ValueError:
+        return []
+    nets = []
+    for link in doc if isinstance(doc, list) else []:
+        for a in link.get("addr_info", []):
+            if a.get("family") == "inet":
+                nets.append(ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}"))
+    return nets
+
+
+def prod_neighbours(bridge: str, max_hosts: int = 1024) -> int:
+    """Make the host ARP for every address of the bridge's subnets (a UDP datagram to the
+    discard port of each), so a guest that has been silent gets a neighbour entry."""
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        for iface in bridge_networks(bridge):
+            if iface.network.num_addresses > max_hosts:
+                continue
+            for host in iface.network.hosts():
+                if host == iface.ip:
+                    continue
+                try:
+                    s.sendto(b"\0", (str(host), 9))
+                    sent += 1
+                except OSError:
+                    continue
+    return sent

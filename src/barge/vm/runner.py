@@ -14,6 +14,7 @@ timeout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -504,6 +505,7 @@ def endpoint(store: Store, name: str, wait: float | None = None) -> access.Endpo
         return ep
     deadline = time.monotonic() + wait
     seen: state.RunState | None = None
+    next_prod = 0.0
     while True:
         st = observe(store, vm)
         if st is None and seen is not None:
@@ -513,9 +515,13 @@ def endpoint(store: Store, name: str, wait: float | None = None) -> access.Endpo
         if st is not None:
             seen = st
             ep = state.endpoint_of(st)
+            bridged = st.network.removeprefix("bridged:")
+            if ep is None and bridged != st.network and time.monotonic() >= next_prod:
+                net.prod_neighbours(bridged)
+                next_prod = time.monotonic() + 5.0
             left = deadline - time.monotonic()
             if ep is not None and access.wait_for_ssh(
-                ep, max(0.0, min(left, 2.0)), lambda: state.alive(st)
+                ep, max(0.0, min(left, 2.0)), functools.partial(state.alive, st)
             ):
                 return ep
         if time.monotonic() >= deadline:

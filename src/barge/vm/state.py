@@ -181,7 +181,7 @@ def endpoint_of(st: RunState) -> Endpoint | None:
         return Endpoint(st.ssh_host, st.ssh_port)
     if st.network.startswith("bridged:") and st.mac:
         addr = neighbour_address(st.mac)
-        return Endpoint(addr, 22) if addr else None
+        return Endpoint(addr, 22, forwarded=False) if addr else None
     return None
 
 
