@@ -167,6 +167,10 @@ def test_runs_refused_before_qemu(
     (home / "vms" / "efi" / "efi-vars.fd").write_bytes(b"\0" * 4096)
     err = barge("run", "efi", code=ExitCode.INTEGRITY)
     assert "NVRAM" in err and "corrupt" in err and "remove it" in err
+    # no display for --graphics
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert "use --vnc" in barge("run", tiny, "--graphics", code=ExitCode.USAGE)
     # no QEMU on this host
     monkeypatch.setenv("PATH", str(tmp_path))
     err = barge("run", tiny, code=ExitCode.FAILURE)
@@ -200,9 +204,22 @@ def test_corrupt_or_missing_kernel(tiny: str, home: Path) -> None:
 # -- one detached boot of `tiny`: exec, locks, a clone of it running, stop ------------------------
 
 
-def test_run_detached_ip_and_exec(tiny: str, home: Path) -> None:
+def test_run_detached_ip_and_exec(tiny: str, home: Path, tmp_path: Path) -> None:
+    extra_ro, extra_rw = tmp_path / "ro.img", tmp_path / "rw.img"
+    extra_ro.write_bytes(b"read-only-disk" + bytes((1 << 20) - 14))
+    extra_rw.write_bytes(bytes(1 << 20))
     t0 = time.monotonic()
-    out = barge("run", tiny, "--detach")
+    out = barge(
+        "run",
+        tiny,
+        "--detach",
+        "--memory",
+        "320M",
+        "--disk",
+        f"{extra_ro}:ro",
+        "--disk",
+        str(extra_rw),
+    )
     assert "tiny is running (ssh 127.0.0.1:" in out
     ip = cli("ip", tiny, "--wait", SSH_WAIT)
     assert ip.returncode == 0, ip
@@ -225,6 +242,32 @@ def test_run_detached_ip_and_exec(tiny: str, home: Path) -> None:
     res = cli("ssh", tiny, "--", "echo", "hi", "$((6*7))")  # ssh: the remote shell parses
     assert (res.returncode, res.stdout) == (0, "hi 42\n")
     assert cli("exec", tiny, "hostname").stdout.strip() == "tiny"  # from the seed's meta-data
+
+    # --memory for this run; --disk FILE[:ro] after the VM's disk (vda), the seed last
+    mem_kib = int(
+        cli("exec", tiny, "sed", "-n", "s/MemTotal: *//p", "/proc/meminfo").stdout.split()[0]
+    )
+    assert 250 << 10 < mem_kib <= 320 << 10
+    res = cli(
+        "exec", tiny, "sh", "-c", "cat /sys/block/vdb/ro /sys/block/vdc/ro; head -c 14 /dev/vdb"
+    )
+    assert res.stdout == "1\n0\nread-only-disk", res
+    assert cli("exec", tiny, "sh", "-c", "echo x > /dev/vdb").returncode != 0
+    assert cli("exec", tiny, "sh", "-c", "printf rw-ok > /dev/vdc && sync").returncode == 0
+    assert extra_rw.read_bytes()[:5] == b"rw-ok"
+
+    # discard=unmap: the guest's TRIM punches holes in the disk file, which stays sparse
+    disk = home / "vms" / tiny / "disk.img"
+    before = disk.stat().st_blocks
+    fill = "dd if=/dev/urandom of=/dev/vda bs=1M seek=8 count=8 conv=fsync 2>/dev/null"
+    assert cli("exec", tiny, "sh", "-c", fill).returncode == 0
+    grown = disk.stat().st_blocks
+    assert (grown - before) * 512 >= 8 << 20
+    res = cli("exec", tiny, "blkdiscard", "-o", str(8 << 20), "-l", str(8 << 20), "/dev/vda")
+    assert res.returncode == 0, res
+    assert cli("exec", tiny, "sync").returncode == 0
+    assert (grown - disk.stat().st_blocks) * 512 >= 6 << 20
+
     write_marker(tiny, "barge-marker-1")
 
 
@@ -502,7 +545,12 @@ def test_guest_that_never_answers_ssh(home: Path, tiny_guest: Guest) -> None:
 )
 def test_uefi_and_bios_boots(home: Path) -> None:
     barge("create", "fw", "--disk-size", "16M", "--boot", "uefi", "--memory", "256M")
-    barge("run", "fw", "--detach")
+    out = barge("run", "fw", "--detach", "--vnc")
+    assert "vnc 127.0.0.1:59" in out
+    vnc = info("fw")["run"]["vnc"]
+    host, port = vnc.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        assert s.recv(12).startswith(b"RFB ")  # a VNC server, on loopback
     nvram = home / "vms" / "fw" / "efi-vars.fd"
     assert nvram.stat().st_size == Path("/usr/share/OVMF/OVMF_VARS_4M.fd").stat().st_size
     doc = info("fw")
