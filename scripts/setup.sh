@@ -2,7 +2,7 @@
 # Idempotent set-up for a fresh Debian 12 machine: system packages, then the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="docker-registry skopeo qemu-utils qemu-system-x86"
+PKGS="docker-registry skopeo qemu-utils qemu-system-x86 ovmf openssh-client genisoimage"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
