@@ -105,17 +105,16 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                     wait_gone(st.pid)
 
 
-@pytest.fixture(scope="module")
-def tiny(home: Path, tiny_guest: Guest) -> str:
+def create_kernel_vm(name: str, g: Guest, cmdline: str, *, initramfs: bool = True) -> str:
+    extra = ["--initramfs", str(g.initramfs)] if initramfs else []
     barge(
         "create",
-        "tiny",
+        name,
         "--kernel",
-        str(kernel_of(tiny_guest)),
-        "--initramfs",
-        str(tiny_guest.initramfs),
+        str(kernel_of(g)),
+        *extra,
         "--cmdline",
-        tiny_guest.cmdline,
+        cmdline,
         "--disk-size",
         "64M",
         "--cpus",
@@ -123,7 +122,12 @@ def tiny(home: Path, tiny_guest: Guest) -> str:
         "--memory",
         "256M",
     )
-    return "tiny"
+    return name
+
+
+@pytest.fixture(scope="module")
+def tiny(home: Path, tiny_guest: Guest) -> str:
+    return create_kernel_vm("tiny", tiny_guest, tiny_guest.cmdline)
 
 
 # -- failures before QEMU runs ------------------------------------------------------------------
@@ -509,20 +513,8 @@ def test_vetu_image_boots_after_pull_and_clone(
 
 
 def test_guest_that_never_answers_ssh(home: Path, tiny_guest: Guest) -> None:
-    barge(
-        "create",
-        "mute",
-        "--kernel",
-        str(kernel_of(tiny_guest)),
-        "--cmdline",
-        "console=ttyS0 panic=0",  # no initramfs, no root: the kernel panics and halts
-        "--disk-size",
-        "1M",
-        "--cpus",
-        "1",
-        "--memory",
-        "256M",
-    )
+    # no initramfs, no root: the kernel panics and halts
+    create_kernel_vm("mute", tiny_guest, "console=ttyS0 panic=0", initramfs=False)
     barge("run", "mute", "--detach")
     t0 = time.monotonic()
     err = barge("ip", "mute", "--wait", "20", code=ExitCode.FAILURE)

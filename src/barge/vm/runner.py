@@ -375,17 +375,10 @@ def supervise(started: Started, note: Note) -> RunResult:
                 presses += 1
                 if presses == 1:
                     note("asking the guest to power off (ACPI); Ctrl-C again stops QEMU")
-                    try:
-                        with QMP(qmp_path) as q:
-                            q.execute("system_powerdown")
-                    except QMPError as e:
-                        note(f"cannot reach QEMU ({e}); Ctrl-C again stops it")
+                    _qmp_command(qmp_path, "system_powerdown", note)
                 elif presses == 2:
                     note("stopping QEMU")
-                    try:
-                        with QMP(qmp_path) as q:
-                            q.execute("quit")
-                    except QMPError:
+                    if not _qmp_command(qmp_path, "quit", note):
                         proc.terminate()
                 else:
                     proc.kill()
@@ -440,6 +433,17 @@ def _wait_lock_free(store: Store, name: str, timeout: float) -> VMLock | None:
         time.sleep(0.1)
 
 
+def _qmp_command(qmp_path: Path, command: str, note: Note) -> bool:
+    """One QMP command, a failure said as a note (the caller escalates)."""
+    try:
+        with QMP(qmp_path) as q:
+            q.execute(command)
+    except QMPError as e:
+        note(f"QMP {command} failed: {e}")
+        return False
+    return True
+
+
 def stop(store: Store, name: str, timeout: float, note: Note) -> StopResult:
     """ACPI power-down, then QMP quit, then SIGTERM and SIGKILL, each after ``timeout``."""
     vm = store.get_vm(name)
@@ -449,19 +453,11 @@ def stop(store: Store, name: str, timeout: float, note: Note) -> StopResult:
     qmp_path = state.run_dir(vm.path) / state.QMP_SOCKET
     t0 = time.monotonic()
     how = "acpi"
-    try:
-        with QMP(qmp_path) as q:
-            q.execute("system_powerdown")
-    except QMPError as e:
-        note(f"cannot ask {name!r} to power down: {e}")
+    _qmp_command(qmp_path, "system_powerdown", note)
     if not state.wait_exit(st, timeout):
         how = "quit"
         note(f"{name!r} did not power off within {timeout:g} s: stopping QEMU (QMP quit)")
-        try:
-            with QMP(qmp_path) as q:
-                q.execute("quit")
-        except QMPError as e:
-            note(f"QMP quit failed: {e}")
+        _qmp_command(qmp_path, "quit", note)
         if not state.wait_exit(st, timeout):
             how = "kill"
             note(f"QEMU of {name!r} did not quit within {timeout:g} s: killing it (pid {st.pid})")
