@@ -4,12 +4,16 @@ state and liveness, boot checks, the key pair, QMP framing."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import platform
 import socket
 import stat
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -282,6 +286,41 @@ def test_liveness_uses_pid_and_start_time(tmp_path: Path) -> None:
     assert not state.alive(state.RunState(child.pid, 1, 0, "tcg", "user"))
     assert state.wait_exit(state.RunState(child.pid, 1, 0, "tcg", "user"), 1.0)
     child.wait()
+
+
+def test_a_zombie_leader_with_live_threads_is_alive(tmp_path: Path) -> None:
+    """QEMU killed: its leader thread turns zombie while its vCPU threads still exit, and its
+    files — the VM's lock — stay open until the last one has. Liveness follows the lock."""
+    sys_exit = {"x86_64": 60, "aarch64": 93}.get(platform.machine())
+    if sys_exit is None:
+        pytest.skip(f"SYS_exit unknown on {platform.machine()}")
+    lock = tmp_path / "lock"
+    code = (
+        "import ctypes, fcntl, os, sys, threading, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "threading.Thread(target=time.sleep, args=(2.0,)).start()\n"
+        "print('locked', flush=True)\n"
+        f"ctypes.CDLL(None).syscall({sys_exit}, 0)\n"  # SYS_exit: this thread, not the group
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "locked\n"
+    deadline = time.monotonic() + 1.5
+    saw_zombie_leader = False
+    while time.monotonic() < deadline:
+        leader = Path(f"/proc/{child.pid}/stat").read_text()
+        if leader[leader.rfind(")") + 2] == "Z":
+            saw_zombie_leader = True
+            break
+    assert saw_zombie_leader
+    assert state.process_start_ticks(child.pid) is not None  # a thread still runs
+    fd = os.open(lock, os.O_RDWR)
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and the lock is still held
+    child.wait(timeout=10)
+    assert state.process_start_ticks(child.pid) is None
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
 
 
 def test_stale_state_is_cleaned_under_the_lock(tmp_path: Path) -> None:

@@ -101,15 +101,35 @@ def clear(vm_path: Path) -> None:
             (d / name).unlink()
 
 
-def process_start_ticks(pid: int, proc: Path = Path("/proc")) -> int | None:
-    """The start time of a live (non-zombie) process, or None if there is none."""
+def _stat_fields(path: Path) -> list[str] | None:
     try:
-        text = (proc / str(pid) / "stat").read_text()
+        text = path.read_text()
     except OSError:
         return None
     fields = text[text.rfind(")") + 2 :].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
+    return fields if len(fields) >= 20 else None
+
+
+def process_start_ticks(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """The start time of a live process, or None if there is none. A zombie is dead — once
+    all its threads are: a multi-threaded process's leader shows as a zombie while its other
+    threads still exit, and until they have, its files (the VM's lock) are still open."""
+    fields = _stat_fields(proc / str(pid) / "stat")
+    if fields is None:
         return None
+    if fields[0] in ("Z", "X"):
+        try:
+            tasks = os.listdir(proc / str(pid) / "task")
+        except OSError:
+            return None
+        exiting = False
+        for tid in tasks:
+            t = _stat_fields(proc / str(pid) / "task" / tid / "stat")
+            if t is not None and t[0] not in ("Z", "X"):
+                exiting = True
+                break
+        if not exiting:
+            return None
     try:
         return int(fields[19])
     except ValueError:
