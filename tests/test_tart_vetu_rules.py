@@ -188,6 +188,7 @@ def test_vetu_names_empty_disk_and_unknown_layers_as_vetu_reads_them(
         ({"arch": ""}, ExitCode.INTEGRITY, "has no arch"),
         ({"version": 2}, ExitCode.UNSUPPORTED, "version 2"),
         ({"disks": [{"name": "disk."}]}, ExitCode.INTEGRITY, "unsafe disk name"),
+        ({"cmdline": ["console=ttyS0"]}, ExitCode.INTEGRITY, "'cmdline' must be a string"),
     ],
 )
 def test_vetu_configs_vetu_refuses_are_refused(

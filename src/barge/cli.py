@@ -67,7 +67,11 @@ class BargeGroup(click.Group):
         except BargeError as e:
             echo(f"barge: error: {e.message}", err=True)
             if e.hint:
-                echo(f"barge: hint: {e.hint}", err=True)
+                # a hint may quote several lines (a guest's serial log): each is escaped alone
+                first, *rest = e.hint.split("\n")
+                echo(f"barge: hint: {first}", err=True)
+                for line in rest:
+                    echo(f"barge:   {line}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             echo("barge: interrupted", err=True)

@@ -724,12 +724,9 @@ class Puller:
             boot="kernel",
             mac=vm.mac,
         )
-        cmdline = vm.get("cmdline")
         # Vetu boots the kernel directly with the config's command line: so does `barge run`
         cfg.set_kernel_boot(
-            "kernel",
-            "initramfs" if img.initramfs is not None else None,
-            cmdline if isinstance(cmdline, str) else "",
+            "kernel", "initramfs" if img.initramfs is not None else None, vm.cmdline
         )
         cfg.source = source
         (staging / "config.json").write_bytes(cfg.to_bytes())

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from barge.cli import emit_json, format_option, main, warn
+from barge.cli import echo, emit_json, format_option, main, warn
 from barge.store import Store
 from barge.units import parse_size
 
@@ -99,7 +99,7 @@ def run(
         where.append(f"vnc {started.vnc}")
     summary = f"{name} is running ({', '.join(where)}; serial log {started.serial_log})"
     if detach:
-        click.echo(summary)
+        echo(summary)
         return
     if not serial:
         warn(summary)
@@ -123,7 +123,7 @@ def stop(name: str, timeout: float) -> None:
 
     res = runner.stop(Store(), name, timeout, warn)
     how = {"acpi": "powered off", "quit": "QEMU quit", "kill": "QEMU killed"}[res.how]
-    click.echo(f"stopped {name} ({how}, {res.seconds:.1f} s)")
+    echo(f"stopped {name} ({how}, {res.seconds:.1f} s)")
 
 
 @main.command()
@@ -142,7 +142,7 @@ def ip(name: str, wait: float | None, fmt: str) -> None:
     if fmt == "json":
         emit_json({"address": ep.host, "port": ep.port})
     else:
-        click.echo(ep.address)
+        echo(ep.address)
 
 
 _access_options = [

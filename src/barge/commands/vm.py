@@ -60,9 +60,7 @@ def _print_vm(info: dict[str, Any]) -> None:
         echo(f"state:    {_state_text(info)}")
     run = info.get("run") or {}
     for f in run.get("forwards", []):
-        echo(
-            f"publish:  {f['hostAddress']}:{f['hostPort']} -> {f['guestPort']}/{f['protocol']}"
-        )
+        echo(f"publish:  {f['hostAddress']}:{f['hostPort']} -> {f['guestPort']}/{f['protocol']}")
     if run.get("vnc"):
         echo(f"vnc:      {run['vnc']}")
     if run.get("serialLog"):

@@ -116,6 +116,7 @@ class VetuVM:
     cpus: int | None
     memory: int | None
     mac: str | None
+    cmdline: str = ""  # the kernel command line Vetu boots with
 
 
 def validate_disk_name(name: object, what: str = "disk name") -> str:
@@ -231,12 +232,16 @@ def vetu_vm_info(config_json: bytes) -> VetuVM:
     cpus = vm.get("cpuCount")
     mem = vm.get("memorySize")
     mac = vm.get("macAddress")
+    cmdline = vm.get("cmdline", "")
+    if not isinstance(cmdline, str):  # Go's json.Unmarshal into a string refuses it too
+        raise IntegrityError(f"{what}: 'cmdline' must be a string")
     return VetuVM(
         arch=arch,
         disks=tuple(names),
         cpus=cpus if isinstance(cpus, int) and not isinstance(cpus, bool) and cpus > 0 else None,
         memory=mem if isinstance(mem, int) and not isinstance(mem, bool) and mem > 0 else None,
         mac=mac.lower() if isinstance(mac, str) and _MAC_RE.fullmatch(mac) else None,
+        cmdline=cmdline,
     )
 
 

@@ -165,7 +165,7 @@ def serial_hint(vm: VM, lines: int = 10) -> str:
     tail = _log_tail(log, lines=lines)
     if not tail:
         return f"the serial log {log} is empty"
-    return f"the serial log {log} ends with:\n" + "\n".join(f"    {ln}" for ln in tail)
+    return f"the serial log {log} ends with:\n" + "\n".join(f"  {ln}" for ln in tail)
 
 
 def _qemu_failure(log_lines: list[str]) -> str:
