@@ -20,16 +20,21 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from barge.errors import ExitCode
 from barge.vm import state
 from clitest import barge
-from guests import Guest
 from registry_fixtures import RunningRegistry
 from vetu_images import push_vetu
+
+# the tiny guest and its `tiny_guest` fixture come from tests/guests.py (the guests branch,
+# registered in conftest's pytest_plugins); until that is merged these tests cannot run
+pytest.importorskip("guests", reason="tests/guests.py (the tiny guest) is not merged")
+if TYPE_CHECKING:
+    from guests import Guest
 
 BARGE = str(Path(sys.executable).parent / "barge")
 MARKER_OFFSET = 1 << 20  # where the tests write markers on the guest's /dev/vda
@@ -232,6 +237,7 @@ def test_run_detached_ip_and_exec(tiny: str, home: Path, tmp_path: Path) -> None
     assert host == "127.0.0.1" and port.isdigit()
     doc = info(tiny)
     assert doc["state"] == "running" and doc["run"]["ssh"] == ip.stdout.strip()
+    assert (home / "vms" / tiny / ".run").stat().st_mode & 0o777 == 0o700
     assert doc["run"]["accel"] in ("kvm", "tcg")
     row = next(r for r in json.loads(barge("list", "--format", "json")) if r["name"] == tiny)
     assert row["running"] is True and row["state"] == "running"

@@ -211,7 +211,8 @@ def start(store: Store, name: str, opts: RunOptions, note: Note) -> Started:
         vm = store.get_vm(name)  # as it is now that it is ours
         cfg = VMConfig(vm.config.to_dict())
         rd = state.run_dir(vm.path)
-        rd.mkdir(exist_ok=True)
+        rd.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(rd, 0o700)  # the QMP socket controls the VM; the logs are the guest's
         state.clear(vm.path)  # we hold the lock: whatever is there is stale
         for stale in (state.KNOWN_HOSTS, state.SERIAL_LOG):
             with contextlib.suppress(FileNotFoundError):
