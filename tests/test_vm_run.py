@@ -534,6 +534,24 @@ def test_guest_that_never_answers_ssh(home: Path, tiny_guest: Guest) -> None:
     # ACPI goes unanswered by a halted kernel: stop quits QEMU after the timeout
     out = barge("stop", "mute", "--timeout", "2")
     assert out.startswith("stopped mute (QEMU quit,"), out
+
+    # a foreground run whose QEMU is killed: an error naming the signal, the state cleaned
+    proc = subprocess.Popen([BARGE, "run", "mute"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while (st := state.running(home / "vms" / "mute")) is None:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(st.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == ExitCode.FAILURE
+    assert "QEMU of 'mute' was killed (SIGKILL)" in err and "Traceback" not in err
+    assert info("mute")["state"] == "stopped"
+    assert not (home / "vms" / "mute" / ".run" / "state.json").exists()
     barge("delete", "mute")
 
 
