@@ -214,7 +214,7 @@ def start(store: Store, name: str, opts: RunOptions, note: Note) -> Started:
         rd.mkdir(mode=0o700, exist_ok=True)
         os.chmod(rd, 0o700)  # the QMP socket controls the VM; the logs are the guest's
         state.clear(vm.path)  # we hold the lock: whatever is there is stale
-        for stale in (state.KNOWN_HOSTS, state.SERIAL_LOG):
+        for stale in (state.KNOWN_HOSTS, state.SERIAL_LOG, state.QEMU_LOG):  # one run's
             with contextlib.suppress(FileNotFoundError):
                 (rd / stale).unlink()
         changed = False
