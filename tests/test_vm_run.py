@@ -561,7 +561,7 @@ def test_guest_that_never_answers_ssh(home: Path, tiny_guest: Guest) -> None:
 @pytest.mark.skipif(
     not Path("/usr/share/OVMF/OVMF_VARS_4M.fd").exists(), reason="ovmf is not installed"
 )
-def test_uefi_and_bios_boots(home: Path) -> None:
+def test_uefi_and_bios_boots(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     barge("create", "fw", "--disk-size", "16M", "--boot", "uefi", "--memory", "256M")
     out = barge("run", "fw", "--detach", "--vnc")
     assert "vnc 127.0.0.1:59" in out
@@ -575,9 +575,25 @@ def test_uefi_and_bios_boots(home: Path) -> None:
     assert doc["nvram"] == "efi-vars.fd" and doc["state"] == "running"
     assert barge("stop", "fw", "--timeout", "3").startswith("stopped fw (")
     assert nvram.exists() and info("fw")["state"] == "stopped"
+    # BIOS; and the SSH port barge picked is taken before QEMU binds it: another is picked
+    from barge.vm import net
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    taken_port = taken.getsockname()[1]
+    real_free_port = net.free_port
+    picks = iter([taken_port])
+    monkeypatch.setattr(net, "free_port", lambda: next(picks, None) or real_free_port())
     barge("create", "pc", "--disk-size", "16M", "--boot", "bios", "--memory", "128M")
-    barge("run", "pc", "--detach")
-    assert info("pc")["state"] == "running"
+    try:
+        out = barge("run", "pc", "--detach")
+    finally:
+        taken.close()
+    run = info("pc")["run"]
+    assert run["ssh"].startswith("127.0.0.1:") and run["ssh"] != f"127.0.0.1:{taken_port}"
+    assert f"ssh {run['ssh']}" in out and info("pc")["state"] == "running"
+    assert "Could not set up host forwarding" in (home / "vms/pc/.run/qemu.log").read_text()
     assert barge("stop", "pc", "--timeout", "2").startswith("stopped pc (")
     for name in ("fw", "pc"):
         barge("delete", name)
