@@ -25,7 +25,14 @@ from barge.formats import vetu as vetufmt
 from barge.pull import pull
 from barge.store import Store
 from clitest import barge, sha
-from registry_fixtures import OCI_CONFIG, OCI_MANIFEST, RunningRegistry, put_blob, put_manifest
+from registry_fixtures import (
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    RunningRegistry,
+    put_blob,
+    put_manifest,
+    put_oci_image,
+)
 from vetu_images import push_vetu
 
 VECTORS = Path(__file__).parent / "testdata" / "apple-lz4"
@@ -154,21 +161,17 @@ def push_tart(
             "size": len(nvram),
         }
     )
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": OCI_CONFIG,
-            "digest": put_blob(reg, repo, oci_cfg),
-            "size": len(oci_cfg),
-        },
-        "layers": layers,
-        "annotations": {
+    doc = put_oci_image(
+        reg,
+        repo,
+        tag,
+        oci_cfg,
+        layers,
+        {
             tartfmt.UNCOMPRESSED_DISK_SIZE_ANNOTATION: str(off),
             tartfmt.UPLOAD_TIME_ANNOTATION: "2024-05-01T12:30:00Z",
         },
-    }
-    put_manifest(reg, repo, tag, json.dumps(doc).encode())
+    )
     return b"".join(c.plain for c in chunks), doc
 
 

@@ -14,7 +14,7 @@ import lz4.frame
 
 from barge.formats import vetu as vetufmt
 from clitest import sha
-from registry_fixtures import OCI_CONFIG, OCI_MANIFEST, RunningRegistry, put_blob, put_manifest
+from registry_fixtures import RunningRegistry, blob_layer, put_oci_image
 
 
 def push_vetu(
@@ -45,57 +45,22 @@ def push_vetu(
     arch = cfg.get("arch") if isinstance(cfg.get("arch"), str) else "arm64"
     oci_cfg = json.dumps({"architecture": arch, "os": "linux"}, separators=(",", ":")).encode()
     layers = [
-        {
-            "mediaType": vetufmt.CONFIG_MEDIA_TYPE,
-            "digest": put_blob(reg, repo, vm_cfg),
-            "size": len(vm_cfg),
-        },
-        {
-            "mediaType": vetufmt.KERNEL_MEDIA_TYPE,
-            "digest": put_blob(reg, repo, kernel),
-            "size": len(kernel),
-        },
+        blob_layer(reg, repo, vetufmt.CONFIG_MEDIA_TYPE, vm_cfg),
+        blob_layer(reg, repo, vetufmt.KERNEL_MEDIA_TYPE, kernel),
     ]
     if initramfs is not None:
-        layers.append(
-            {
-                "mediaType": vetufmt.INITRAMFS_MEDIA_TYPE,
-                "digest": put_blob(reg, repo, initramfs),
-                "size": len(initramfs),
-            }
-        )
+        layers.append(blob_layer(reg, repo, vetufmt.INITRAMFS_MEDIA_TYPE, initramfs))
     for extra in extra_layers or []:
-        layers.append(
-            {
-                "mediaType": "application/vnd.cirruslabs.vetu.firmware.v9",
-                "digest": put_blob(reg, repo, extra),
-                "size": len(extra),
-            }
-        )
+        layers.append(blob_layer(reg, repo, "application/vnd.cirruslabs.vetu.firmware.v9", extra))
     for name, parts in disks.items():
         for part in parts:
-            comp = lz4.frame.compress(part)
+            ann = {
+                vetufmt.NAME_ANNOTATION: name,
+                vetufmt.UNCOMPRESSED_SIZE_ANNOTATION: str(len(part)),
+                vetufmt.UNCOMPRESSED_DIGEST_ANNOTATION: sha(part),
+            }
             layers.append(
-                {
-                    "mediaType": vetufmt.DISK_MEDIA_TYPE,
-                    "digest": put_blob(reg, repo, comp),
-                    "size": len(comp),
-                    "annotations": {
-                        vetufmt.NAME_ANNOTATION: name,
-                        vetufmt.UNCOMPRESSED_SIZE_ANNOTATION: str(len(part)),
-                        vetufmt.UNCOMPRESSED_DIGEST_ANNOTATION: sha(part),
-                    },
-                }
+                blob_layer(reg, repo, vetufmt.DISK_MEDIA_TYPE, lz4.frame.compress(part), ann)
             )
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": OCI_CONFIG,
-            "digest": put_blob(reg, repo, oci_cfg),
-            "size": len(oci_cfg),
-        },
-        "layers": layers,
-    }
-    put_manifest(reg, repo, tag, json.dumps(doc).encode())
+    doc = put_oci_image(reg, repo, tag, oci_cfg, layers)
     return {"kernel": kernel, "initramfs": initramfs, "manifest": json.dumps(doc).encode()}
