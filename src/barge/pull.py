@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 from barge import cancel
 from barge.disk import applelz4, lz4frame
 from barge.disk.codec import Codec
+from barge.disk.coverage import Coverage
 from barge.disk.decoder import (
     DecodeBuffers,
     DiskWriter,
@@ -40,8 +41,8 @@ from barge.disk.decoder import (
     decode_frame,
     write_zero_aware,
 )
-from barge.disk.index import ChunkMeta, FrameIndex, FrameRef
-from barge.disk.sparse import allocated_bytes, can_reflink, clone_file, data_extents, punch_hole
+from barge.disk.index import ChunkMeta, FrameIndex
+from barge.disk.sparse import allocated_bytes, can_reflink, clone_file, data_extents
 from barge.endpoints import End, LayoutEnd, RegistryEnd, parse_location
 from barge.errors import (
     IntegrityError,
@@ -229,10 +230,11 @@ class Puller:
                 cat.lease_add(lease_id, "path", [staging.name])
                 staging.mkdir(exist_ok=True)
                 try:
-                    fmt, base = self._materialise(
+                    fmt, staged = self._materialise(
                         end, manifest, staging, registry, repository, digest
                     )
                     (staging / "manifest.json").write_bytes(manifest.data)
+                    _check_staged(staging, staged)  # the publish check: every byte accounted for
                     fsync_tree(staging)
                 except Exception as e:
                     self._failed(e, staging)
@@ -248,7 +250,7 @@ class Puller:
                     cat.add_blob_locations(layers, registry, repository)
             finally:
                 lock.release()
-        return PullResult(shown, digest, fmt, path, False, self.stats, base, self.notes)
+        return PullResult(shown, digest, fmt, path, False, self.stats, staged.base, self.notes)
 
     def _failed(self, e: Exception, staging: Path) -> None:
         """An interrupted pull keeps its staging directory (the next run re-verifies and
@@ -345,20 +347,17 @@ class Puller:
         registry: str,
         repository: str,
         digest: str,
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, _Staged]:
         doc = load_json(manifest.data, f"manifest {digest}")
         fmt = detect_format(doc)
         self._starts_over = fmt in ("tart", "vetu")
         source = {"registry": registry, "repository": repository, "digest": digest, "format": fmt}
         if fmt == "barge":
-            base = self._pull_barge(end, doc, staging, source)
-            return fmt, base
+            return fmt, self._pull_barge(end, doc, staging, source)
         if fmt == "tart":
-            self._pull_tart(end, doc, staging, source)
-            return fmt, None
+            return fmt, self._pull_tart(end, doc, staging, source)
         if fmt == "vetu":
-            self._pull_vetu(end, doc, staging, source)
-            return fmt, None
+            return fmt, self._pull_vetu(end, doc, staging, source)
         raise UnsupportedError(
             f"{registry}/{repository}@{digest} is not a VM image (no barge, Tart or Vetu layers)",
             hint="barge copy moves any image between registries",
@@ -367,7 +366,7 @@ class Puller:
     # -- barge format ----------------------------------------------------------------------
     def _pull_barge(
         self, end: End, doc: dict[str, Any], staging: Path, source: dict[str, Any]
-    ) -> str | None:
+    ) -> _Staged:
         img = parse_barge_manifest(doc)
         index_data = _read_small(end, img.index.digest, MAX_INDEX_BLOB)
         index = FrameIndex.from_bytes(index_data)
@@ -376,6 +375,7 @@ class Puller:
         disks = {d.name: d.size for d in cfg.disks}
         if disks != {d.name: d.size for d in index.disks}:
             raise IntegrityError("the VM config and the disk index disagree on disks and sizes")
+        _reset_staging(staging, keep=set(disks))
         for name, desc in img.files:
             if name in disks or name in ("config.json", "manifest.json", "index.json"):
                 raise IntegrityError(f"file layer {name!r} collides with a disk or metadata file")
@@ -391,27 +391,22 @@ class Puller:
         base_label = None
         if base_dir is not None and base_index is not None:
             base_label = base_dir.name
-            for name, size in disks.items():
+            for name in disks:
                 try:
                     base_index.disk(name)
                 except KeyError:
                     continue
                 clone_file(base_dir / name, staging / name)
-                os.truncate(staging / name, size)
             self.note(f"using cached image sha256:{base_dir.name[:12]}… as a base")
-        for name, size in disks.items():
-            p = staging / name
-            with open(p, "ab") as f:
-                f.truncate(size)
+        for name in disks:
+            with open(staging / name, "ab"):
+                pass
 
-        # what is already right on disk, frame by frame
-        have = self._frames_present(index, staging, base_index, resumed)
-        self._kept_at_start = self.stats.reused_bytes
-        work = self._plan_fetch(index, have)
-        total = sum(sum(m.frames[i].usize for i in need) for m, need, _ in work)
-        # every frame's progress is a cancellation check, and counts what an interrupt keeps
-        task = self._task = cancel.checked(self.reporter.task("pulling", total))
-        writers = {n: DiskWriter(staging / n) for n in disks}
+        # Every byte of every disk is settled below, and recorded in its writer's coverage
+        # ledger, which the publish step checks: non-zero frames already right in place
+        # (kept), regions the index says are zeros (cleared), the other frames (fetched or
+        # copied from the base, verified, written).
+        writers: dict[str, DiskWriter] = {}
         local = (
             _LocalFrames(base_dir, base_index)
             if base_dir is not None and base_index is not None
@@ -419,6 +414,17 @@ class Puller:
         )
         tls = threading.local()
         try:
+            for name, size in disks.items():
+                writers[name] = DiskWriter(staging / name, size)
+            kept = self._frames_kept(index, writers, base_index, resumed)
+            for d in index.disks:
+                for off, length in d.zero_ranges():
+                    writers[d.name].clear(off, length)
+            self._kept_at_start = self.stats.reused_bytes
+            work = self._plan_fetch(index, kept)
+            total = sum(sum(m.frames[i].usize for i in need) for m, need, _ in work)
+            # every frame's progress is a cancellation check, and counts what an interrupt keeps
+            task = self._task = cancel.checked(self.reporter.task("pulling", total))
 
             def run(item: tuple[ChunkMeta, list[int], bool]) -> None:
                 meta, frames, whole = item
@@ -438,7 +444,7 @@ class Puller:
         cfg.source = src
         (staging / "config.json").write_bytes(cfg.to_bytes())
         self._index_chunks(index)
-        return base_label
+        return _Staged(base_label, [w.coverage for w in writers.values()])
 
     def _find_base(
         self, index: FrameIndex, source: dict[str, Any]
@@ -479,55 +485,57 @@ class Puller:
             return None, None
         return best[1], best[2]
 
-    def _frames_present(
+    def _frames_kept(
         self,
         index: FrameIndex,
-        staging: Path,
+        writers: dict[str, DiskWriter],
         base: FrameIndex | None,
         resumed: set[str],
     ) -> set[tuple[str, int]]:
-        """(disk, offset) of frames whose bytes are already right in the staging disk."""
-        have: set[tuple[str, int]] = set()
+        """(disk, offset) of the non-zero frames already right in the staging disks, each
+        recorded in its writer's ledger: the cloned base has a frame with the same digest at
+        the same offset (a verified cached image, trusted without re-reading), or, in a disk
+        an interrupted run left, the bytes on disk hash to the frame's digest."""
+        base_frames: dict[tuple[str, int], str] = {}
         if base is not None:
             base_frames = {
-                (d.name, fr.offset): fr.digest for d in base.disks for fr in d.iter_frames()
+                (d.name, c.offset + f.uoffset): f.digest
+                for d in base.disks
+                for c in d.chunks
+                for f in c.frames
+                if not f.zero
             }
-            for d in index.disks:
-                for fr in d.iter_frames():
-                    if base_frames.get((d.name, fr.offset)) == fr.digest:
-                        have.add((d.name, fr.offset))
-                        if not fr.zero:
-                            self._count(reused_bytes=fr.usize)
-        for name in resumed:  # re-verify what an interrupted run wrote
-            disk = index.disk(name)
-            fd = os.open(staging / name, os.O_RDONLY)
-            try:
-                for fr in disk.iter_frames():
+        kept: set[tuple[str, int]] = set()
+        for d in index.disks:
+            w = writers[d.name]
+            for c in d.chunks:
+                for f in c.frames:
                     cancel.check()
-                    if _frame_matches(fd, fr):
-                        have.add((name, fr.offset))
-                        if not fr.zero:
-                            self._count(reused_bytes=fr.usize)
-            finally:
-                os.close(fd)
-        return have
+                    if f.zero:
+                        continue
+                    off = c.offset + f.uoffset
+                    if base_frames.get((d.name, off)) == f.digest or (
+                        d.name in resumed and _frame_matches(w.fd, off, f.usize, f.digest)
+                    ):
+                        w.record(off, f.usize)
+                        kept.add((d.name, off))
+                        self._count(reused_bytes=f.usize)
+        return kept
 
     @staticmethod
     def _plan_fetch(
-        index: FrameIndex, have: set[tuple[str, int]]
+        index: FrameIndex, kept: set[tuple[str, int]]
     ) -> list[tuple[ChunkMeta, list[int], bool]]:
-        """Per chunk: the frame numbers still needed, and whether the whole layer is needed
-        onto a range that reads as zeros (then one streaming GET decodes it)."""
+        """Per chunk: the numbers of its non-zero frames still needed, and whether that is all
+        of them (then one streaming GET of the whole layer decodes it)."""
         work = []
         for d in index.disks:
             for c in d.chunks:
-                need = [
-                    i for i, f in enumerate(c.frames) if (d.name, c.offset + f.uoffset) not in have
-                ]
+                data = [i for i, f in enumerate(c.frames) if not f.zero]
+                need = [i for i in data if (d.name, c.offset + c.frames[i].uoffset) not in kept]
                 if not need:
                     continue
-                whole = len(need) == len(c.frames)
-                work.append((c, need, whole))
+                work.append((c, need, len(need) == len(data)))
         # big layers first keeps the workers busy to the end
         work.sort(key=lambda w: -w[0].size)
         return work
@@ -544,8 +552,6 @@ class Puller:
         task: Any,
     ) -> None:
         if whole:
-            if _has_data(out.fd, meta.offset, meta.length):
-                _clear(out.fd, meta.offset, meta.length)
             with end.open_blob(meta.digest) as src:
                 decode_chunk(
                     src,
@@ -562,13 +568,9 @@ class Puller:
         for i in need:
             f = meta.frames[i]
             off = meta.offset + f.uoffset
-            _clear(out.fd, off, f.usize)
-            if f.zero:
-                task.advance(f.usize)
-                continue
             data = local.read(f.digest, f.usize) if local is not None else None
             if data is not None:
-                write_zero_aware(out, off, data)
+                out.write_frame(off, data, f.usize)
                 self._count(reused_bytes=f.usize)
                 task.advance(f.usize)
                 continue
@@ -583,7 +585,7 @@ class Puller:
                     cv = memoryview(bufs.cbuf)[: f.csize]
                     _read_exact(src, cv, meta.digest)
                     data = decode_frame(cv, f, codec)
-                    write_zero_aware(out, meta.offset + f.uoffset, data)
+                    out.write_frame(meta.offset + f.uoffset, data, f.usize)
                     task.advance(f.usize)
 
     def _index_chunks(self, index: FrameIndex) -> None:
@@ -605,8 +607,9 @@ class Puller:
     # -- Tart and Vetu ---------------------------------------------------------------------
     def _pull_tart(
         self, end: End, doc: dict[str, Any], staging: Path, source: dict[str, Any]
-    ) -> None:
+    ) -> _Staged:
         img = tartfmt.parse_tart_manifest(doc)
+        _reset_staging(staging, keep=set())  # Tart disks are decoded whole, into a new file
         if img.offsets_from == "order":
             self.note(
                 "Tart image without offsets: disk chunks placed by layer order (as Tart does)"
@@ -635,7 +638,7 @@ class Puller:
         least = sum(c.descriptor.size for c in img.disk_chunks)
         self._require_space(least, image=least, reflink=can_reflink(staging))
         disk = staging / "disk.img"
-        self._decode_streams(
+        coverage = self._decode_streams(
             end,
             disk,
             img.disk_size,
@@ -674,11 +677,13 @@ class Puller:
                     [],
                 )
             )
+        return _Staged(None, [coverage])
 
     def _pull_vetu(
         self, end: End, doc: dict[str, Any], staging: Path, source: dict[str, Any]
-    ) -> None:
+    ) -> _Staged:
         img = vetufmt.parse_vetu_manifest(doc)
+        _reset_staging(staging, keep=set())  # Vetu disks are decoded whole, into new files
         if img.ignored:
             self.note(
                 f"Vetu image: ignored layers of unknown types (as Vetu does): "
@@ -698,8 +703,9 @@ class Puller:
         least = sum(c.descriptor.size for d in img.disks for c in d.chunks)
         self._require_space(least, image=least, reflink=can_reflink(staging))
         disks = []
+        coverage = []
         for d in img.disks:
-            self._decode_streams(
+            cov = self._decode_streams(
                 end,
                 staging / d.name,
                 d.size,
@@ -709,6 +715,7 @@ class Puller:
                 ],
                 lz4frame.decode_stream,
             )
+            coverage.append(cov)
             disks.append(Disk(d.name, d.size))
         for name in vm.disks:
             if name not in {d.name for d in img.disks}:
@@ -730,6 +737,7 @@ class Puller:
         )
         cfg.source = source
         (staging / "config.json").write_bytes(cfg.to_bytes())
+        return _Staged(None, coverage)
 
     def _decode_streams(
         self,
@@ -738,19 +746,21 @@ class Puller:
         size: int,
         chunks: list[tuple[str, int, int, int, str]],
         decoder: Callable[..., Iterator[bytes]],
-    ) -> None:
-        """Decode whole-stream chunks (Tart's Apple LZ4, Vetu's LZ4 frames) at their offsets,
-        verifying each compressed digest (by the reader) and each uncompressed digest."""
-        with open(path, "wb") as f:
-            f.truncate(size)
+    ) -> Coverage:
+        """Decode whole-stream chunks (Tart's Apple LZ4, Vetu's LZ4 frames) at their offsets
+        into a new file, verifying each compressed digest (by the reader) and each uncompressed
+        digest; a chunk's range is recorded in the ledger once its digest matched."""
+        with open(path, "wb"):
+            pass
         total = sum(c[3] for c in chunks)
         task = cancel.checked(self.reporter.task(f"pulling {path.name}", total))
-        fd = os.open(path, os.O_RDWR)
+        out = DiskWriter(path, size)
         try:
 
             def run(c: tuple[str, int, int, int, str]) -> None:
                 digest, csize, offset, usize, udigest = c
                 h = hashlib.sha256()
+                out.zero(offset, usize)
                 pos = offset
                 with end.open_blob(digest) as raw:
                     # a registry's BlobReader checks the digest itself at EOF; other ends
@@ -758,22 +768,57 @@ class Puller:
                     src = _CheckedBlob(raw, digest, csize, hash=not isinstance(end, RegistryEnd))
                     for piece in decoder(src, expected_size=usize):
                         h.update(piece)
-                        write_zero_aware(fd, pos, piece)
+                        write_zero_aware(out, pos, piece)
                         pos += len(piece)
                         task.advance(len(piece))
                     src.finish()
+                if pos - offset != usize:
+                    raise IntegrityError(
+                        f"layer {digest} decodes to {pos - offset} bytes, its annotation "
+                        f"says {usize}"
+                    )
                 if "sha256:" + h.hexdigest() != udigest:
                     raise IntegrityError(
                         f"layer {digest} decodes to sha256:{h.hexdigest()}, its annotation "
                         f"says {udigest}"
                     )
+                out.record(offset, usize)
                 self._count(fetched_bytes=csize, whole_layers=1)
 
             cancel.parallel(run, chunks, max(1, self.opts.concurrency), name="pull")
-            os.fsync(fd)
+            out.fsync()
         finally:
             if not cancel.abandoned():  # a worker still running may write through it
-                os.close(fd)
+                out.close()
+        return out.coverage
+
+
+@dataclass
+class _Staged:
+    """What materialising an image into its staging directory produced: the base image used
+    (if any) and the coverage ledger of every disk written."""
+
+    base: str | None
+    coverage: list[Coverage]
+
+
+def _check_staged(staging: Path, staged: _Staged) -> None:
+    """The publish check. Every disk the staged VM config lists must have been written by this
+    pull, be its size, and have every byte accounted for in its coverage ledger (written from a
+    verified frame, cleared, or proven already right); else :class:`IntegrityError` and
+    nothing is published."""
+    cfg = VMConfig.from_bytes((staging / "config.json").read_bytes())
+    ledgers = {c.name: c for c in staged.coverage}
+    for d in cfg.disks:
+        cov = ledgers.get(d.name)
+        if cov is None or cov.size != d.size:
+            raise IntegrityError(f"disk {d.name!r} was not written by this pull; not published")
+        size = os.stat(staging / d.name).st_size
+        if size != d.size:
+            raise IntegrityError(
+                f"disk {d.name!r} is {size} bytes, its image says {d.size}; not published"
+            )
+        cov.check()
 
 
 #: The chunk-index codec name of a Tart disk layer (one Apple LZ4 stream, no frames).
@@ -874,23 +919,26 @@ def _read_exact(src: BinaryIO, view: memoryview, digest: str) -> None:
         got += n
 
 
-def _frame_matches(fd: int, fr: FrameRef) -> bool:
-    if not _has_data(fd, fr.offset, fr.usize):
-        return fr.zero
-    data = os.pread(fd, fr.usize, fr.offset)
-    return "sha256:" + hashlib.sha256(data).hexdigest() == fr.digest
+def _frame_matches(fd: int, off: int, usize: int, digest: str) -> bool:
+    """Whether the ``usize`` bytes at ``off`` hash to ``digest`` (holes are never read: a
+    non-zero frame cannot be in one)."""
+    if not any(True for _ in data_extents(fd, off, off + usize)):
+        return False
+    data = os.pread(fd, usize, off)
+    return len(data) == usize and "sha256:" + hashlib.sha256(data).hexdigest() == digest
 
 
-def _has_data(fd: int, off: int, length: int) -> bool:
-    return any(True for _ in data_extents(fd, off, off + length))
-
-
-def _clear(fd: int, off: int, length: int) -> None:
-    """Make a range read as zeros (a hole where the filesystem can)."""
-    if not _has_data(fd, off, length):
-        return
-    if not punch_hole(fd, off, length):
-        os.pwrite(fd, bytes(length), off)
+def _reset_staging(staging: Path, keep: set[str]) -> None:
+    """Remove whatever an earlier run (or anyone) left in a staging directory except the
+    regular files named in ``keep`` (disks, re-verified frame by frame): every other file of
+    the image is written again, so nothing stray reaches the cache or a clone."""
+    for entry in os.scandir(staging):
+        if entry.name in keep and entry.is_file(follow_symlinks=False):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
 
 
 def _read_small(end: End, digest: str, max_size: int) -> bytes:

@@ -1,10 +1,14 @@
 """The decoder of barge's disk format: verify and write chunks into sparse raw disks.
 
-The output file is pre-sized with ``ftruncate`` (all holes); :func:`decode_chunk` writes only
-the non-zero 4 KiB blocks of each frame, so a pulled disk is as sparse as the pushed one.
-Every frame is decompressed into a reused buffer and its sha256 checked *before* it is
-written; the chunk's sha256 and the layer's sha256 are checked at the end (a mismatch there
-means the caller must discard the output file).
+:func:`decode_chunk` writes only the non-zero 4 KiB blocks of each frame, so a pulled disk is
+as sparse as the pushed one. Every frame is decompressed into a reused buffer and its sha256
+checked *before* it is written; the chunk's sha256 and the layer's sha256 are checked at the end
+(a mismatch there means the caller must discard the output file).
+
+Written into a :class:`DiskWriter`, every frame first has its range made to read as zeros (a
+``SEEK_DATA`` probe, a hole punched only where old data is), so the output may start with any
+bytes at all (a clone of a base image, a resumed staging file); each frame and each cleared range
+is recorded in the writer's :class:`~barge.disk.coverage.Coverage` ledger.
 
 Call :func:`validate_layout` (or parse the index with ``FrameIndex.from_bytes``, which does)
 before decoding anything: it rejects hostile offsets, sizes and frame lists.
@@ -20,7 +24,9 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from barge.disk.codec import Codec
+from barge.disk.coverage import Coverage
 from barge.disk.index import ChunkMeta, FrameInfo, chunk_digest, validate_layout
+from barge.disk.sparse import data_extents, punch_hole
 from barge.errors import IntegrityError, NoSpaceError
 
 __all__ = [
@@ -69,8 +75,10 @@ def decode_chunk(
 ) -> None:
     """Decode one layer stream ``src`` into ``fd_out`` at ``meta.offset``.
 
-    ``meta`` must have passed :func:`validate_layout`. Zero frames are not written (the output
-    is expected to read as zeros there: a fresh sparse file). With ``verify_layer`` the sha256
+    ``meta`` must have passed :func:`validate_layout`. Into a :class:`DiskWriter`, every frame's
+    range is cleared before it is written (zero frames are only cleared) and recorded in the
+    writer's coverage ledger; into a plain file descriptor, zero frames and zero blocks are not
+    written (the output is expected to read as zeros there: a fresh sparse file). With ``verify_layer`` the sha256
     of the compressed stream is checked against ``meta.digest`` (turn it off when ``src``
     already verifies it, as a whole-blob ``BlobReader`` does). Raises :class:`IntegrityError`
     naming the layer and frame on any mismatch, truncation or trailing data.
@@ -88,9 +96,13 @@ def decode_chunk(
     ubase = buffers.ubase
     uview = memoryview(buffers.ubuf)[ubase : ubase + buffers.frame_size]
     layer_hash = hashlib.sha256() if verify_layer else None
+    writer = fd_out if isinstance(fd_out, DiskWriter) and sparse else None
     for i, f in enumerate(meta.frames):
         n = f.usize
-        if not f.zero:
+        if f.zero:
+            if writer is not None:
+                writer.clear(meta.offset + f.uoffset, n)
+        else:
             if f.csize > len(cview):
                 raise IntegrityError(
                     f"layer {meta.digest}: frame {i} claims {f.csize} compressed bytes, "
@@ -112,7 +124,9 @@ def decode_chunk(
                     f"{meta.offset + f.uoffset}) decodes to {digest}, the index says {f.digest}"
                 )
             off = meta.offset + f.uoffset
-            if sparse:
+            if writer is not None:
+                writer.write_frame(off, buffers.ubuf, n, ubase)
+            elif sparse:
                 _write_zero_aware(fd_out, off, buffers.ubuf, n, ubase)
             else:
                 _pwrite_all(fd_out, uv, off)
@@ -221,16 +235,60 @@ class DiskWriter:
     On the VMs barge is measured on, a buffered write of new data costs the kernel about three
     times what O_DIRECT does (page-cache allocation: ``dd`` wrote 245 MB/s buffered and
     800 MB/s direct), and a pull writes every byte of the disk once. Filesystems without
-    O_DIRECT (tmpfs) simply get buffered writes."""
+    O_DIRECT (tmpfs) simply get buffered writes.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    With ``size`` the file is cut or extended to ``size`` bytes and :attr:`coverage` is the
+    ledger of that many bytes: :meth:`write_frame`, :meth:`clear` and :meth:`record` record what
+    they settle (see :mod:`barge.disk.coverage`); a publish step checks it."""
+
+    def __init__(self, path: str | os.PathLike[str], size: int | None = None) -> None:
         self.fd = os.open(path, os.O_RDWR)
+        try:
+            if size is not None:
+                os.ftruncate(self.fd, size)
+            st_size = os.fstat(self.fd).st_size
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.coverage = Coverage(os.path.basename(os.fspath(path)), st_size)
         try:
             self.dfd = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0))
         except OSError:
             self.dfd = -1
         if not getattr(os, "O_DIRECT", 0):
             self._close_direct()
+
+    def zero(self, off: int, length: int) -> None:
+        """Make ``[off, off + length)`` read as zeros: holes are left alone (found with
+        SEEK_DATA, so a fresh file costs one ``lseek``), data is punched out, or overwritten
+        with zeros where the filesystem cannot punch. Records nothing."""
+        for doff, dlen in list(data_extents(self.fd, off, off + length)):
+            if punch_hole(self.fd, doff, dlen):
+                continue
+            zeros = _zeros_view(min(dlen, 1 << 20))
+            pos, stop = doff, doff + dlen
+            while pos < stop:
+                _pwrite_all(self.fd, zeros[: min(len(zeros), stop - pos)], pos)
+                pos += min(len(zeros), stop - pos)
+
+    def clear(self, off: int, length: int) -> None:
+        """Settle a range the frame index says is zeros: make it read as zeros, record it."""
+        self.zero(off, length)
+        self.coverage.add(off, length)
+
+    def write_frame(self, off: int, buf: bytes | bytearray, n: int, base: int = 0) -> None:
+        """Settle a verified frame: ``buf[base : base + n]`` (its sha256 already checked by
+        the caller) written at ``off`` onto a range first made to read as zeros, so the zero
+        blocks it skips are zeros too; recorded."""
+        self.zero(off, n)
+        _write_zero_aware(self, off, buf, n, base)
+        self.coverage.add(off, n)
+
+    def record(self, off: int, length: int) -> None:
+        """Record a range the caller has proven right: already right in place (a base frame
+        with the same digest at the same offset; a frame whose sha256 was checked on disk), or
+        written and then verified as a whole (a Tart or Vetu layer whose sha256 matched)."""
+        self.coverage.add(off, length)
 
     def _close_direct(self) -> None:
         if self.dfd >= 0:

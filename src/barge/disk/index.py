@@ -160,6 +160,22 @@ class DiskIndex:
             yield FrameRef(pos, n, zero_digest(n), True, None, -1)
             pos += n
 
+    def zero_ranges(self) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` of the regions of the disk that are zeros: zero frames and the
+        regions no chunk covers, adjacent ones merged, in order. Together with the non-zero
+        frames of the chunks they tile ``[0, size)``."""
+        pos = 0
+        for chunk in sorted(self.chunks, key=lambda c: c.offset):
+            for f in chunk.frames:
+                if f.zero:
+                    continue
+                off = chunk.offset + f.uoffset
+                if off > pos:
+                    yield pos, off - pos
+                pos = off + f.usize
+        if self.size > pos:
+            yield pos, self.size - pos
+
 
 @dataclass(frozen=True, slots=True)
 class FrameIndex:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import uuid
 from collections.abc import Iterator
@@ -155,15 +156,22 @@ def clone_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> str:
     return "sparse-copy"
 
 
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate a range, keeping the file size. False when the filesystem cannot."""
+@functools.cache
+def _fallocate() -> Any:
+    """libc's ``fallocate`` (looked up once: ``find_library`` runs ``ldconfig``)."""
     import ctypes
     import ctypes.util
 
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     fallocate = libc.fallocate
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    return fallocate
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range, keeping the file size (it reads as zeros after). False when the
+    filesystem cannot."""
+    rc = _fallocate()(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
     return bool(rc == 0)
 
 
