@@ -37,7 +37,7 @@ from barge.store import VMConfig
 from barge.untrusted import MAX_JSON_DEPTH, JSONError, load_json, printable
 from clitest import barge, sha
 from registry_fixtures import OCI_CONFIG, RunningRegistry, put_blob, put_manifest
-from test_tart_vetu import push_tart, vector_chunks
+from vmimages import push_tart, vector_chunks
 
 # -- generated hostile documents ----------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from barge.push import push
 from barge.store import Store
 from registry_fixtures import RunningRegistry
 from test_copy_registry import SMALL, barge, make_vm, sha256_file, skopeo_digest
-from test_tart_vetu import push_tart, vector_chunks
+from vmimages import push_tart, vector_chunks
 
 pytestmark = pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo not installed")
 

@@ -1,18 +1,13 @@
 """Tart and Vetu images through real registries: pull, clone, hostile input (issue 7).
 
-The images here are built by the tests with stdlib HTTP (``put_blob``/``put_manifest``), not by
-barge: Tart disk layers are the real Apple LZ4 vectors in ``tests/testdata/apple-lz4`` (written
-by Apple's Compression framework), Vetu disk layers come from ``lz4.frame.compress``.
+The images here are built by the tests (tests/vmimages.py) with stdlib HTTP, not by barge.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 from pathlib import Path
-from typing import Any
 
 import lz4.frame
 import pytest
@@ -25,154 +20,20 @@ from barge.formats import vetu as vetufmt
 from barge.pull import pull
 from barge.store import Store
 from clitest import barge, sha
-from registry_fixtures import (
-    OCI_CONFIG,
-    OCI_MANIFEST,
-    RunningRegistry,
-    put_blob,
-    put_manifest,
-    put_oci_image,
+from registry_fixtures import OCI_CONFIG, OCI_MANIFEST, RunningRegistry, put_blob, put_manifest
+from vmimages import (
+    TartChunk,
+    push_tart,
+    push_vetu,
+    sha_file,
+    stored_stream,
+    tart_vm_config,
+    vector_chunks,
+    vetu_disks,
 )
-from vetu_images import push_vetu
 
-VECTORS = Path(__file__).parent / "testdata" / "apple-lz4"
 KiB = 1024
 MiB = 1 << 20
-
-
-def sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(4 * MiB):
-            h.update(piece)
-    return "sha256:" + h.hexdigest()
-
-
-def stored_stream(data: bytes) -> bytes:
-    """An Apple LZ4 stream written by hand: one stored ``bv4-`` block per 64 KiB, ``bv4$``."""
-    out = b""
-    for i in range(0, len(data), 64 * KiB):
-        block = data[i : i + 64 * KiB]
-        out += b"bv4-" + struct.pack("<I", len(block)) + block
-    return out + b"bv4$"
-
-
-# -- Tart images built by hand ---------------------------------------------------------------
-
-
-def tart_vm_config(os_name: str = "darwin") -> bytes:
-    cfg: dict[str, Any] = {"version": 1, "os": os_name, "arch": "arm64"}
-    if os_name == "darwin":
-        cfg["ecid"] = "AAAAAAAAAAA="
-        cfg["hardwareModel"] = "YmFyZ2UgdGVzdCBoYXJkd2FyZSBtb2RlbA=="
-    cfg.update(
-        {
-            "cpuCountMin": 4,
-            "cpuCount": 4,
-            "memorySizeMin": 8 << 30,
-            "memorySize": 8 << 30,
-            "macAddress": "7a:65:8f:01:02:03",
-            "display": {"width": 1024, "height": 768},
-            "diskFormat": "raw",
-        }
-    )
-    return json.dumps(cfg).encode()
-
-
-class TartChunk:
-    def __init__(self, compressed: bytes, plain: bytes) -> None:
-        self.compressed = compressed
-        self.plain = plain
-
-
-def vector_chunks() -> list[TartChunk]:
-    """Three disk chunks: Apple's pg2554 vector, 256 KiB of zeros (stored blocks), and
-    Apple's hello-world vector. Their uncompressed bytes concatenated form the disk."""
-    pg = TartChunk((VECTORS / "pg2554.txt.lz4").read_bytes(), (VECTORS / "pg2554.txt").read_bytes())
-    zeros = TartChunk(stored_stream(bytes(256 * KiB)), bytes(256 * KiB))
-    hello = TartChunk(
-        (VECTORS / "hello-world.txt.lz4").read_bytes(), (VECTORS / "hello-world.txt").read_bytes()
-    )
-    return [pg, zeros, hello]
-
-
-def push_tart(
-    reg: RunningRegistry,
-    repo: str,
-    tag: str,
-    chunks: list[TartChunk],
-    *,
-    order: list[int] | None = None,
-    offsets: bool = False,
-    media_type: str = tartfmt.DISK_V2_MEDIA_TYPE,
-    udigests: list[str] | None = None,
-    os_name: str = "darwin",
-    nvram: bytes = b"NVRAM" * 100,
-    vm_config: bytes | None = None,
-    extra_layers: list[bytes] | None = None,
-    extra_type: str = "application/vnd.example.unknown.v1",
-) -> tuple[bytes, dict[str, Any]]:
-    """Push a Tart-format image; returns (the disk it stands for, the manifest).
-    ``extra_layers`` are blobs of media type ``extra_type`` put after the VM config layer."""
-    oci_cfg = json.dumps(
-        {
-            "architecture": "arm64",
-            "os": os_name,
-            "config": {"Labels": {tartfmt.DISK_FORMAT_LABEL: "raw", "org.example.team": "ci"}},
-        }
-    ).encode()
-    vm_cfg = vm_config if vm_config is not None else tart_vm_config(os_name)
-    layers: list[dict[str, Any]] = [
-        {
-            "mediaType": tartfmt.CONFIG_MEDIA_TYPE,
-            "digest": put_blob(reg, repo, vm_cfg),
-            "size": len(vm_cfg),
-        }
-    ]
-    for extra in extra_layers or []:
-        layers.append(
-            {"mediaType": extra_type, "digest": put_blob(reg, repo, extra), "size": len(extra)}
-        )
-    disk_layers = []
-    off = 0
-    for i, c in enumerate(chunks):
-        ann = {
-            tartfmt.UNCOMPRESSED_SIZE_ANNOTATION: str(len(c.plain)),
-            tartfmt.UNCOMPRESSED_CONTENT_DIGEST_ANNOTATION: udigests[i]
-            if udigests
-            else sha(c.plain),
-        }
-        if offsets:
-            ann[tartfmt.OFFSET_ANNOTATION] = str(off)
-        off += len(c.plain)
-        disk_layers.append(
-            {
-                "mediaType": media_type,
-                "digest": put_blob(reg, repo, c.compressed),
-                "size": len(c.compressed),
-                "annotations": ann,
-            }
-        )
-    layers += [disk_layers[i] for i in (order or range(len(chunks)))]
-    layers.append(
-        {
-            "mediaType": tartfmt.NVRAM_MEDIA_TYPE,
-            "digest": put_blob(reg, repo, nvram),
-            "size": len(nvram),
-        }
-    )
-    doc = put_oci_image(
-        reg,
-        repo,
-        tag,
-        oci_cfg,
-        layers,
-        {
-            tartfmt.UNCOMPRESSED_DISK_SIZE_ANNOTATION: str(off),
-            tartfmt.UPLOAD_TIME_ANNOTATION: "2024-05-01T12:30:00Z",
-        },
-    )
-    return b"".join(c.plain for c in chunks), doc
 
 
 @pytest.fixture
@@ -347,14 +208,6 @@ def test_tart_legacy_disk_v1_refused_exit_11(store: Store, registry: RunningRegi
 
 
 # -- Vetu images ------------------------------------------------------------------------------
-
-
-def vetu_disks() -> dict[str, list[bytes]]:
-    text = (VECTORS / "pg2554.txt").read_bytes()
-    return {
-        "disk.img": [text[:700_000], bytes(300 * KiB), text[700_000:]],
-        "data.img": [os.urandom(100 * KiB) + bytes(200 * KiB)],
-    }
 
 
 def test_vetu_pull_two_disks_kernel_initramfs_and_clone(

@@ -25,7 +25,7 @@ from barge.push import PushOptions, push
 from barge.store import Store
 from clitest import barge, independent_apple_lz4_decode, sha
 from registry_fixtures import FaultProxy, RunningRegistry
-from test_tart_vetu import push_tart, vector_chunks
+from vmimages import push_tart, vector_chunks
 
 MiB = 1 << 20
 TART_DISK = "application/vnd.cirruslabs.tart.disk.v2"

@@ -19,8 +19,7 @@ from barge.local import create_vm
 from barge.store import Store
 from clitest import barge, sha
 from registry_fixtures import RunningRegistry
-from test_tart_vetu import push_tart, tart_vm_config, vector_chunks, vetu_disks
-from vetu_images import push_vetu
+from vmimages import push_tart, push_vetu, tart_vm_config, vector_chunks, vetu_disks
 
 MiB = 1 << 20
 

@@ -15,10 +15,10 @@ from barge.pull import pull
 from barge.push import push
 from barge.store import Store
 from barge.verify import verify
+from clitest import sha
 from registry_fixtures import RunningRegistry, push_image
 from test_copy_registry import SMALL, barge, make_vm
-from test_tart_vetu import push_tart, sha, vector_chunks, vetu_disks
-from vetu_images import push_vetu
+from vmimages import push_tart, push_vetu, vector_chunks, vetu_disks
 
 MiB = 1 << 20
 
