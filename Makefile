@@ -1,4 +1,4 @@
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck unit bench fuzz clean
 
 setup:
 	bash scripts/setup.sh
@@ -20,6 +20,12 @@ test: lint typecheck unit
 
 bench: setup
 	.venv/bin/python bench/run.py
+
+# Thousands of generated pull cases (tests/test_pull_differential.py); not part of `make test`.
+# BARGE_FUZZ_EXAMPLES sets the count (default 2000); a failure prints its reproduction blob.
+fuzz: setup
+	BARGE_FUZZ=1 .venv/bin/pytest -q --timeout=0 --hypothesis-show-statistics \
+		tests/test_pull_differential.py -k generated
 
 clean:
 	rm -rf .venv .demo bench/out
