@@ -22,7 +22,7 @@ bench: setup
 	.venv/bin/python bench/run.py
 
 # Thousands of generated pull cases (tests/test_pull_differential.py); not part of `make test`.
-# BARGE_FUZZ_EXAMPLES sets the count (default 2000); a failure prints its reproduction blob.
+# BARGE_FUZZ_EXAMPLES sets the count (default 3000); a failure prints its reproduction blob.
 fuzz: setup
 	BARGE_FUZZ=1 .venv/bin/pytest -q --timeout=0 --hypothesis-show-statistics \
 		tests/test_pull_differential.py -k generated

@@ -303,6 +303,8 @@ def tamper(store: Store, digest: str, v2: Version, ops: tuple[Tamper, ...], work
     for t in ops:
         spec = v2.disks[t.disk % len(v2.disks)]
         path = staging / spec.name
+        if t.kind in ("bytes", "grow", "shrink") and path.is_symlink():
+            continue  # a symlink tamper came first: leave it (and its target) as it is
         if t.kind in ("bytes", "grow", "shrink") and not path.is_file():
             path.unlink(missing_ok=True)
             with open(path, "wb") as f:
@@ -369,9 +371,9 @@ def assert_disks(where: Path, disks: dict[str, bytes], what: str) -> None:
             )
 
 
-def run_case(case: Case, work: Path, target: Target) -> None:
+def run_case(case: Case, work: Path, target: Target) -> list[str]:
     """Run one case end to end (see the module docstring); raises AssertionError on any
-    difference."""
+    difference. Returns what happened, as labels (for hypothesis' statistics)."""
     files1, files2 = build_disks(case, work / "disks")
     one = {n: p.read_bytes() for n, p in files1.items()}
     two = {n: p.read_bytes() for n, p in files2.items()}
@@ -391,6 +393,7 @@ def run_case(case: Case, work: Path, target: Target) -> None:
         copy(src, ref2, ref)
     force = case.base == "forced" and case.v1.fmt == "barge"
     victim = None
+    killed = False
     with forced_base(first) if force else nullcontext():
         if case.kill_after is not None:
             killed = killed_pull(store, ref, case.kill_after)
@@ -411,3 +414,11 @@ def run_case(case: Case, work: Path, target: Target) -> None:
         assert victim.read_bytes() == b"must stay as it is\n" * 100, "wrote through a symlink"
     if case.expect_base is not None and case.kill_after is None:
         assert (res.base is not None) == case.expect_base, f"base used: {res.base}"
+    return [
+        f"{case.v1.fmt} -> {case.v2.fmt}",
+        "resumed a killed pull" if killed else "base used" if res.base else "no base",
+        *(["forced base"] if force else []),
+        *(["tampered"] if killed and case.tamper else []),
+        *(["clone REF"] if case.clone else []),
+        *(["from a copy"] if case.copy else []),
+    ]

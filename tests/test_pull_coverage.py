@@ -128,3 +128,48 @@ def test_publish_check_refuses_a_pull_that_skips_the_zero_regions(
         assert len(s.cached_images()) == (1 if base else 0)
         res = pull(s, ref2)
         assert (res.path / "disk.img").read_bytes() == want
+
+
+def test_decode_into_a_writer_over_garbage_settles_every_byte(tmp_path: Path) -> None:
+    """Decoded into a DiskWriter, a chunk overwrites whatever the file held (its zero frames
+    and the zero blocks of its data frames included); with the index's zero regions cleared
+    the disk is the source, and the ledger has no gap."""
+    import io
+    import os
+
+    from barge.disk.chunker import encode_chunk, plan_chunks
+    from barge.disk.codec import parse_codec
+    from barge.disk.decoder import DiskWriter, decode_chunk
+
+    fs = 64 * KiB
+    size = 1 * MiB + 512
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        f.truncate(size)
+        f.seek(70 * KiB)
+        f.write(os.urandom(100 * KiB) + bytes(8 * KiB) + b"text " * 9000)
+    metas, blobs = [], {}
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        for plan in plan_chunks("d", size, 256 * KiB, frame_size=fs):
+            out = io.BytesIO()
+            enc = encode_chunk(fd, plan, fs, parse_codec("zstd"), out)
+            if not enc.all_zero:
+                metas.append(enc.meta)
+                blobs[enc.meta.digest] = out.getvalue()
+    finally:
+        os.close(fd)
+    index = FrameIndex.build({"d": size}, metas, frame_size=fs)
+    dst = tmp_path / "dst"
+    dst.write_bytes(os.urandom(size + 5000))  # garbage everywhere, and past the end
+    w = DiskWriter(dst, size)
+    try:
+        for m in metas:
+            decode_chunk(io.BytesIO(blobs[m.digest]), w, m)
+        assert w.coverage.gaps() != []  # the chunks alone do not settle the disk
+        for off, n in index.disk("d").zero_ranges():
+            w.clear(off, n)
+    finally:
+        w.close()
+    assert w.coverage.gaps() == []
+    assert dst.read_bytes() == src.read_bytes()

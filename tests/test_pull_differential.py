@@ -6,7 +6,7 @@
   version) and what happens between them (a base barge picks or one forced on it, a pull killed
   part-way and its staging directory tampered with, ``clone REF``, a ``barge copy`` into another
   layout), published to an OCI layout directory (the same pull code as a registry, without the
-  HTTP). ``make fuzz`` runs thousands (``BARGE_FUZZ_EXAMPLES``, default 2000).
+  HTTP); 30 in ``make test``. ``make fuzz`` runs thousands (``BARGE_FUZZ_EXAMPLES``, default 3000).
 * ``test_named_case``: a fixed table of the cases the issue names, against the real registry.
 * ``test_issue_10_reproduction``: the issue's CLI reproduction, exactly.
 """
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from barge.store import Store
@@ -32,7 +32,7 @@ KiB = 1024
 MiB = 1 << 20
 
 FUZZ = bool(os.environ.get("BARGE_FUZZ"))
-EXAMPLES = int(os.environ.get("BARGE_FUZZ_EXAMPLES", "2000")) if FUZZ else 20
+EXAMPLES = int(os.environ.get("BARGE_FUZZ_EXAMPLES", "3000")) if FUZZ else 30
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,7 @@ def store(barge_home: Path) -> Store:
 
 FRAME_SIZES = st.sampled_from([64 * KiB, 128 * KiB, 256 * KiB])
 CODECS = st.sampled_from(["zstd", "lz4", "none"])
-FORMATS = st.sampled_from(["barge", "barge", "barge", "tart", "vetu"])
+FORMATS = st.sampled_from(["barge", "barge", "barge", "barge", "tart", "vetu"])
 SIZES = st.builds(
     lambda k, tail: k * 64 * KiB + tail,
     st.integers(1, 48),
@@ -57,22 +57,42 @@ SIZES = st.builds(
 )
 
 
+KINDS = ["random", "random", "text", "zeros", "hole", "copy"]
+#: v2 frees space more often than it writes: trimmed and zeroed regions are where a pull onto
+#: a base can go wrong
+KINDS_V2 = ["random", "text", "zeros", "zeros", "hole", "hole", "hole", "copy"]
+
+
+_NUDGE = st.sampled_from([0, 0, 0, 1, 512, 4096, -4096, 9000])
+
+
+def _grid(lo: int, hi: int) -> st.SearchStrategy[int]:
+    """Numbers in ``lo..hi``, often whole multiples of 64 KiB (the frame grid: whole frames and
+    chunks freed or written are what a pull onto a base must get right), sometimes nudged."""
+    return st.builds(
+        lambda k, d: max(lo, min(hi, k * 64 * KiB + d)),
+        st.integers(0, max(1, hi // (64 * KiB))),
+        _NUDGE,
+    )
+
+
 @st.composite
-def edits(draw: st.DrawFn, size: int) -> Edit:
+def edits(draw: st.DrawFn, size: int, longest: int, kinds: list[str]) -> Edit:
     return Edit(
-        kind=draw(st.sampled_from(["random", "random", "text", "zeros", "hole", "copy"])),
-        offset=draw(st.integers(0, size - 1)),
-        length=draw(
-            st.one_of(st.integers(1, 16 * KiB), st.integers(1, 256 * KiB), st.integers(1, size))
-        ),
-        source=draw(st.integers(0, size - 1)),
+        kind=draw(st.sampled_from(kinds)),
+        offset=draw(_grid(0, size - 1)),
+        length=draw(st.one_of(st.integers(1, 16 * KiB), _grid(1, longest))),
+        source=draw(_grid(0, size - 1)),
         seed=draw(st.integers(0, 1 << 16)),
     )
 
 
 @st.composite
 def versions(draw: st.DrawFn, prev: Version | None = None) -> Version:
-    fmt = draw(FORMATS)
+    """A version; v2 (``prev`` given) mostly keeps v1's format, frame size and chunk size, so
+    that most pairs share frames and the base paths are exercised."""
+    same = prev is not None and draw(st.integers(0, 2)) > 0
+    fmt = prev.fmt if prev is not None and same else draw(FORMATS)
     if fmt == "tart":
         names = ["disk.img"]
     elif prev is not None and prev.fmt != "tart" and draw(st.booleans()):
@@ -85,13 +105,27 @@ def versions(draw: st.DrawFn, prev: Version | None = None) -> Version:
     disks = []
     for name in names:
         size = old[name] if name in old and draw(st.booleans()) else draw(SIZES)
-        n = draw(st.lists(edits(size), min_size=0 if prev else 1, max_size=6))
+        # v1 is written anywhere, often all over; v2 mostly changes parts of it (so that it
+        # shares frames)
+        if prev is None:
+            fill = [Edit("random", 0, size, seed=draw(st.integers(0, 9)))]
+            n = (fill if draw(st.integers(0, 2)) > 0 else []) + draw(
+                st.lists(edits(size, size, KINDS), min_size=1, max_size=6)
+            )
+        else:
+            n = draw(st.lists(edits(size, max(1, size // 2), KINDS_V2), max_size=6))
         disks.append(DiskSpec(name, size, tuple(n)))
-    frame = draw(FRAME_SIZES)
+    keep = prev is not None and draw(st.integers(0, 2)) > 0
+    frame = prev.frame_size if prev is not None and keep else draw(FRAME_SIZES)
+    chunk = (
+        prev.chunk_size
+        if prev is not None and keep and draw(st.booleans())
+        else frame * draw(st.integers(1, 6))
+    )
     return Version(
         tuple(disks),
         fmt=fmt,
-        chunk_size=frame * draw(st.integers(1, 6)),
+        chunk_size=chunk,
         frame_size=frame,
         codec=draw(CODECS),
         tart_offsets=draw(st.booleans()),
@@ -112,7 +146,7 @@ TAMPERS = st.builds(
 def cases(draw: st.DrawFn) -> Case:
     v1 = draw(versions())
     v2 = draw(versions(v1))
-    killed = draw(st.booleans())
+    killed = draw(st.integers(0, 2)) == 0
     return Case(
         v1,
         v2,
@@ -138,13 +172,15 @@ def _scratch() -> tempfile.TemporaryDirectory[str]:
     derandomize=not FUZZ,
     database=None if not FUZZ else settings.default.database,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],  # no slow "explain"
     print_blob=True,
 )
 @given(case=cases())
 def test_generated_cases_match_a_fresh_pull(case: Case) -> None:
     with _scratch() as d:
         work = Path(d)
-        run_case(case, work, Target(layout_dir=work / "layout"))
+        for label in run_case(case, work, Target(layout_dir=work / "layout")):
+            event(label)
 
 
 # -- the named cases, against the real registry -----------------------------------------------
