@@ -40,11 +40,33 @@ def _blob(sink: Sink, repo: str, data: bytes) -> str:
     return put_blob(sink, repo, data)
 
 
-def _manifest(sink: Sink, repo: str, tag: str, data: bytes) -> None:
+def _put_image(
+    sink: Sink,
+    repo: str,
+    tag: str,
+    oci_cfg: bytes,
+    layers: list[dict[str, Any]],
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Put the OCI config blob and an image manifest of ``layers``; returns the manifest."""
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": OCI_CONFIG,
+            "digest": _blob(sink, repo, oci_cfg),
+            "size": len(oci_cfg),
+        },
+        "layers": layers,
+    }
+    if annotations:
+        doc["annotations"] = annotations
+    data = json.dumps(doc).encode()
     if isinstance(sink, OCILayout):
         sink.put_manifest(data, OCI_MANIFEST, tag)
     else:
         put_manifest(sink, repo, tag, data)
+    return doc
 
 
 def sha_file(path: Path) -> str:
@@ -168,21 +190,11 @@ def push_tart(
             "size": len(nvram),
         }
     )
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": OCI_CONFIG,
-            "digest": _blob(reg, repo, oci_cfg),
-            "size": len(oci_cfg),
-        },
-        "layers": layers,
-        "annotations": {
-            tartfmt.UNCOMPRESSED_DISK_SIZE_ANNOTATION: str(off),
-            tartfmt.UPLOAD_TIME_ANNOTATION: "2024-05-01T12:30:00Z",
-        },
+    annotations = {
+        tartfmt.UNCOMPRESSED_DISK_SIZE_ANNOTATION: str(off),
+        tartfmt.UPLOAD_TIME_ANNOTATION: "2024-05-01T12:30:00Z",
     }
-    _manifest(reg, repo, tag, json.dumps(doc).encode())
+    doc = _put_image(reg, repo, tag, oci_cfg, layers, annotations)
     return b"".join(c.plain for c in chunks), doc
 
 
@@ -250,17 +262,7 @@ def push_vetu(
                     },
                 }
             )
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": OCI_CONFIG,
-            "digest": _blob(reg, repo, oci_cfg),
-            "size": len(oci_cfg),
-        },
-        "layers": layers,
-    }
-    _manifest(reg, repo, tag, json.dumps(doc).encode())
+    doc = _put_image(reg, repo, tag, oci_cfg, layers)
     return {"kernel": kernel, "initramfs": initramfs, "manifest": json.dumps(doc).encode()}
 
 
