@@ -9,6 +9,10 @@ user typed (registry incl. port, repository, tag) to its digest.
   images carry no offsets, so for them layer order is the only information there is (unless a
   Tart image carries barge's ``dev.barge.disk.offset`` annotations).
 * Verified: every compressed blob digest, every frame and chunk uncompressed digest.
+* Proven before publishing: every byte of every disk is written from a verified frame, cleared
+  (zeros by the index, including regions no chunk covers), or proven already right in place;
+  the writers' coverage ledgers must cover each disk (see docs/pipeline.md, "the publish
+  check"), or nothing is published.
 * Sparse: zero frames and zero 4 KiB blocks become holes.
 * Resumable and leased: work happens in ``tmp/pull-<hex>`` under a lease, is renamed into
   place only when complete; a re-run re-verifies what is already on disk and fetches the rest.
