@@ -992,45 +992,6 @@ def put_manifest(
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def blob_layer(
-    reg: RunningRegistry,
-    repo: str,
-    media_type: str,
-    data: bytes,
-    annotations: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Upload ``data`` and return its layer descriptor."""
-    d: dict[str, Any] = {
-        "mediaType": media_type,
-        "digest": put_blob(reg, repo, data),
-        "size": len(data),
-    }
-    if annotations:
-        d["annotations"] = annotations
-    return d
-
-
-def put_oci_image(
-    reg: RunningRegistry,
-    repo: str,
-    tag: str,
-    config: bytes,
-    layers: list[dict[str, Any]],
-    annotations: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Upload ``config`` and put an OCI image manifest of ``layers``; returns the manifest."""
-    doc: dict[str, Any] = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": blob_layer(reg, repo, OCI_CONFIG, config),
-        "layers": layers,
-    }
-    if annotations:
-        doc["annotations"] = annotations
-    put_manifest(reg, repo, tag, json.dumps(doc).encode())
-    return doc
-
-
 def push_image(
     reg: RunningRegistry,
     repo: str,

@@ -28,7 +28,7 @@ from barge.errors import ExitCode
 from barge.vm import state
 from clitest import barge
 from registry_fixtures import RunningRegistry
-from vetu_images import push_vetu
+from vmimages import push_vetu
 
 # the tiny guest and its `tiny_guest` fixture come from tests/guests.py (the guests branch,
 # registered in conftest's pytest_plugins); until that is merged these tests cannot run

@@ -207,9 +207,12 @@ def push_vetu(
     config_disks: list[str] | None = None,
     config: dict[str, Any] | None = None,
     extra_layers: list[bytes] | None = None,
+    kernel: bytes = b"\x7fELF kernel" * 1000,
+    initramfs: bytes | None = b"070701 initramfs" * 500,
 ) -> dict[str, Any]:
-    """Push a Vetu image; ``config`` updates the VM config (a None value removes the key),
-    ``extra_layers`` are blobs of an unknown media type put after the kernel."""
+    """Push a Vetu image of ``disks`` (name -> its chunks, in order); ``config`` updates the VM
+    config (a None value removes the key: ``cmdline``, ``arch``…), ``extra_layers`` are blobs
+    of an unknown media type put after the kernel; ``initramfs=None`` leaves that layer out."""
     cfg: dict[str, Any] = {
         "version": 1,
         "arch": "arm64",
@@ -220,8 +223,8 @@ def push_vetu(
     }
     cfg.update(config or {})
     vm_cfg = json.dumps({k: v for k, v in cfg.items() if v is not None}).encode()
-    kernel, initramfs = b"\x7fELF kernel" * 1000, b"070701 initramfs" * 500
-    oci_cfg = b'{"architecture":"arm64","os":"linux"}'
+    arch = cfg.get("arch") if isinstance(cfg.get("arch"), str) else "arm64"
+    oci_cfg = json.dumps({"architecture": arch, "os": "linux"}, separators=(",", ":")).encode()
     layers = [
         {
             "mediaType": vetufmt.CONFIG_MEDIA_TYPE,
@@ -233,12 +236,15 @@ def push_vetu(
             "digest": _blob(reg, repo, kernel),
             "size": len(kernel),
         },
-        {
-            "mediaType": vetufmt.INITRAMFS_MEDIA_TYPE,
-            "digest": _blob(reg, repo, initramfs),
-            "size": len(initramfs),
-        },
     ]
+    if initramfs is not None:
+        layers.append(
+            {
+                "mediaType": vetufmt.INITRAMFS_MEDIA_TYPE,
+                "digest": _blob(reg, repo, initramfs),
+                "size": len(initramfs),
+            }
+        )
     for extra in extra_layers or []:
         layers.append(
             {
