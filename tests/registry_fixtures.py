@@ -30,7 +30,9 @@ import http.client
 import ipaddress
 import json
 import os
+import random
 import re
+import select
 import shutil
 import socket
 import ssl
@@ -486,7 +488,13 @@ class FaultRule:
     body, forwarding the part read), ``"truncate"`` (forward, send only ``keep`` bytes of
     the body, close), ``"status"`` (answer ``status`` with ``headers`` without forwarding),
     ``"redirect"`` (answer 307 to ``location.format(path=..., digest=...)``), ``"slow"``
-    (forward, but move the request and response bodies at ``rate`` bytes per second).
+    (forward, but move the request and response bodies at ``rate`` bytes per second),
+    ``"stall"`` (forward, send the answer's head and ``keep`` bytes of its body, then send
+    nothing more for ``hold`` seconds, or until the client hangs up, without closing),
+    ``"silent"`` (read the request, never answer; held like ``"stall"``), ``"chaos"`` (with
+    probability ``chance``, one transient fault picked by the proxy's seeded generator:
+    reset before or after forwarding, 503, 429 with ``Retry-After: 0``, a request body cut
+    part-way, an answer body cut part-way; :attr:`FaultProxy.faults` counts them).
     The rule fires for matching requests number ``skip+1 .. skip+times`` (``times=None``:
     forever).
     """
@@ -505,6 +513,9 @@ class FaultRule:
     require_header: str | None = None  # only requests carrying this header match
     body: bytes = b""  # the answer's body for "status" (default: an OCI error naming it)
     rate: int = 1 << 20  # bytes per second for "slow"
+    hold: float = 3600.0  # "stall"/"silent": seconds to keep quiet (ends early on hang-up)
+    chance: float = 1.0  # "chaos": the probability that a matching request meets a fault
+    kinds: tuple[str, ...] = ()  # "chaos": the faults to pick from (default: all that apply)
     seen: int = 0
     fired: int = 0
 
@@ -551,9 +562,25 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te
 
 
 class FaultProxy:
-    """A loopback HTTP proxy in front of one registry that can misbehave on purpose."""
+    """A loopback HTTP proxy in front of one registry that can misbehave on purpose.
 
-    def __init__(self, upstream: RunningRegistry, bind: str = "127.0.0.1") -> None:
+    ``ignore_tls``: a connection that opens with a TLS ClientHello gets no answer at all (the
+    proxy holds it until the client hangs up), like a plain-HTTP server waiting for a request
+    line that never comes. ``atomic_patches``: a ``PATCH`` body is forwarded only once it has
+    arrived whole, so a client killed mid-``PATCH`` leaves the registry's upload session at
+    the end of its last complete ``PATCH`` (a registry whose ``PATCH`` requests are atomic
+    parts, as ECR's are). ``seed`` drives the ``"chaos"`` rules.
+    """
+
+    def __init__(
+        self,
+        upstream: RunningRegistry,
+        bind: str = "127.0.0.1",
+        *,
+        ignore_tls: bool = False,
+        atomic_patches: bool = False,
+        seed: int = 0,
+    ) -> None:
         self.upstream = upstream
         parsed = urllib.parse.urlsplit(upstream.url)
         self._up_host = parsed.hostname or "127.0.0.1"
@@ -561,7 +588,13 @@ class FaultProxy:
         self._up_tls = parsed.scheme == "https"
         self.rules: list[FaultRule] = []
         self.log: list[Exchange] = []
+        self.ignore_tls = ignore_tls
+        self.atomic_patches = atomic_patches
+        self.tls_hellos = 0  # connections that opened with a TLS ClientHello
+        self.faults: dict[str, int] = {}  # "chaos" faults injected, by kind
+        self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -570,6 +603,16 @@ class FaultProxy:
 
             def log_message(self, *a: Any) -> None:
                 pass
+
+            def handle(self) -> None:
+                if outer.ignore_tls:
+                    with contextlib.suppress(OSError):
+                        if self.connection.recv(1, socket.MSG_PEEK) == b"\x16":
+                            with outer._lock:
+                                outer.tls_hellos += 1
+                            outer._hold(self.connection, 3600.0)
+                            return
+                super().handle()
 
             def do_GET(self) -> None:
                 outer._handle(self)
@@ -614,6 +657,7 @@ class FaultProxy:
         return sum(e.response_bytes for e in self._matching(method, path))
 
     def stop(self) -> None:
+        self._stopping.set()  # held connections let go
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(STOP_TIMEOUT)
@@ -629,9 +673,58 @@ class FaultProxy:
                     continue
                 if rule.times is not None and rule.fired >= rule.times:
                     continue
+                if rule.action == "chaos":
+                    if self._rng.random() >= rule.chance:
+                        continue
+                    rule.fired += 1
+                    return self._chaos(method, path, headers, rule.kinds)
                 rule.fired += 1
                 return rule
         return None
+
+    def _chaos(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        only: tuple[str, ...] = (),
+    ) -> FaultRule:
+        """One transient fault for this request (called under the lock)."""
+        cl = next((v for k, v in headers.items() if k.lower() == "content-length"), "0")
+        length = int(cl) if cl.isdigit() else 0
+        body = length > 0 or _is_chunked_headers(headers)
+        kinds = ["reset", "lost-answer", "503", "429"]
+        if body:
+            kinds.append("cut-request")
+        if method == "GET" and "/blobs/" in path and "/uploads/" not in path:
+            kinds.append("cut-answer")
+        kinds = [k for k in kinds if not only or k in only] or list(only)
+        kind = self._rng.choice(kinds)
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+        if kind == "reset":
+            return FaultRule(action="reset")
+        if kind == "lost-answer":
+            return FaultRule(action="reset", forward=True)
+        if kind == "503":
+            return FaultRule(action="status", status=503)
+        if kind == "429":
+            return FaultRule(action="status", status=429, headers={"Retry-After": "0"})
+        if kind == "cut-request":
+            cut = self._rng.randrange(max(1, length)) if length else self._rng.randrange(1 << 20)
+            return FaultRule(action="reset", after_request_bytes=cut)
+        return FaultRule(action="truncate", keep=self._rng.randrange(1 << 20))
+
+    def _hold(self, sock: socket.socket, seconds: float) -> None:
+        """Send nothing on ``sock`` for ``seconds``, reading (and discarding) whatever the
+        client sends; return early when the client hangs up or the proxy stops."""
+        end = time.monotonic() + seconds
+        while not self._stopping.is_set() and time.monotonic() < end:
+            try:
+                ready, _, _ = select.select([sock], [], [], 0.1)
+                if ready and not sock.recv(1 << 16):
+                    return
+            except (OSError, ValueError):
+                return
 
     def _record(self, e: Exchange) -> None:
         with self._lock:
@@ -664,10 +757,15 @@ class FaultProxy:
         method = h.command
         path = urllib.parse.urlsplit(h.path).path
         headers = {k: v for k, v in h.headers.items()}
-        rule = self._pick(method, path, headers)
         length = int(h.headers.get("Content-Length") or 0)
+        rule = self._pick(method, path, headers)
         ex = Exchange(method, path, 0, 0, None, rule.action if rule else None, headers)
         self._record(ex)
+
+        if rule and rule.action == "silent":
+            self._hold(h.connection, rule.hold)
+            h.close_connection = True
+            return
 
         if (
             rule
@@ -711,17 +809,44 @@ class FaultProxy:
                 h.wfile.write(body)
             return
 
+        whole: bytes | None = None  # atomic_patches: the PATCH body, read before forwarding
+        if self.atomic_patches and method == "PATCH":
+            got = bytearray()
+            try:
+                if _is_chunked(h):
+                    for piece in _read_chunked(h):
+                        got += piece
+                else:
+                    while len(got) < length:
+                        data = h.rfile.read(min(length - len(got), 1 << 20))
+                        if not data:
+                            raise ConnectionError("client went away mid-body")
+                        got += data
+            except (OSError, ValueError):
+                ex.dropped_bytes += len(got)  # the client went away: forward nothing
+                self._reset(h)
+                return
+            whole = bytes(got)
         conn = self._upstream(h)
         try:
             conn.putrequest(method, h.path, skip_host=True, skip_accept_encoding=True)
             for k, v in h.headers.items():
-                if k.lower() not in _HOP:
+                if k.lower() not in _HOP and not (
+                    whole is not None and k.lower() == "content-length"
+                ):
                     conn.putheader(k, v)
             limit = rule.after_request_bytes if rule and rule.action == "reset" else None
             pace = _Pace(rule.rate if rule and rule.action == "slow" else None)
-            if _is_chunked(h):  # a streamed upload: forward it chunk by chunk
+            if whole is not None:
+                conn.putheader("Content-Length", str(len(whole)))
+                conn.endheaders()
+                conn.send(whole)
+                ex.request_bytes += len(whole)
+            elif _is_chunked(h):  # a streamed upload: forward it chunk by chunk
                 conn.putheader("Transfer-Encoding", "chunked")
                 conn.endheaders()
+                # a client that goes away mid-body makes _read_chunked raise: the upstream
+                # request is then broken off too, never completed with what arrived
                 for piece in _read_chunked(h):
                     if limit is not None and ex.request_bytes + len(piece) > limit:
                         conn.close()
@@ -736,7 +861,7 @@ class FaultProxy:
                 conn.send(b"0\r\n\r\n")
             else:
                 conn.endheaders()
-            left = 0 if _is_chunked(h) else length
+            left = 0 if whole is not None or _is_chunked(h) else length
             while left > 0:
                 want = min(left, pace.piece)
                 if limit is not None:
@@ -747,14 +872,14 @@ class FaultProxy:
                         self._reset(h)
                         return
                 data = h.rfile.read(want)
-                if not data:
-                    break
+                if not data:  # the client went away mid-body: break the upstream request off
+                    raise ConnectionError("client went away mid-body")
                 conn.send(data)
                 pace.step(len(data))
                 ex.request_bytes += len(data)
                 left -= len(data)
             resp = conn.getresponse()
-        except (OSError, http.client.HTTPException):
+        except (OSError, ValueError, http.client.HTTPException):
             conn.close()
             h._barge_upstream = None  # type: ignore[attr-defined]
             self._reset(h)
@@ -780,7 +905,7 @@ class FaultProxy:
         if method == "HEAD":
             resp.read()
             return
-        budget = rule.keep if rule and rule.action == "truncate" else None
+        budget = rule.keep if rule and rule.action in ("truncate", "stall") else None
         pace = _Pace(rule.rate if rule and rule.action == "slow" else None)
         try:
             if pre is not None:
@@ -802,6 +927,10 @@ class FaultProxy:
                         break
         except OSError:
             budget = 0
+        if budget is not None and rule is not None and rule.action == "stall":
+            with contextlib.suppress(OSError):
+                h.wfile.flush()
+            self._hold(h.connection, rule.hold)
         if budget is not None:
             conn.close()
             h._barge_upstream = None  # type: ignore[attr-defined]
@@ -844,8 +973,9 @@ class FaultProxy:
     @staticmethod
     def _drain(h: BaseHTTPRequestHandler, length: int, ex: Exchange) -> None:
         if _is_chunked(h):
-            for piece in _read_chunked(h):
-                ex.dropped_bytes += len(piece)
+            with contextlib.suppress(OSError, ValueError):
+                for piece in _read_chunked(h):
+                    ex.dropped_bytes += len(piece)
             return
         left = length
         while left > 0:
@@ -860,12 +990,19 @@ def _is_chunked(h: BaseHTTPRequestHandler) -> bool:
     return "chunked" in (h.headers.get("Transfer-Encoding") or "").lower()
 
 
+def _is_chunked_headers(headers: dict[str, str]) -> bool:
+    return any(
+        k.lower() == "transfer-encoding" and "chunked" in v.lower() for k, v in headers.items()
+    )
+
+
 def _read_chunked(h: BaseHTTPRequestHandler) -> Iterator[bytes]:
-    """The pieces of a chunked request body (bounded: at most 1 GiB per piece)."""
+    """The pieces of a chunked request body (bounded: at most 1 GiB per piece). A body that
+    ends before its last (zero-length) chunk raises ConnectionError: the client went away."""
     for _ in range(1 << 20):
         line = h.rfile.readline(1024)
         if not line:
-            return
+            raise ConnectionError("client went away mid-body")
         n = int(line.split(b";")[0].strip() or b"0", 16)
         if n == 0:
             while h.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
@@ -873,7 +1010,10 @@ def _read_chunked(h: BaseHTTPRequestHandler) -> Iterator[bytes]:
             return
         if n > 1 << 30:
             raise ValueError("chunk too large")
-        yield h.rfile.read(n)
+        data = h.rfile.read(n)
+        if len(data) < n:
+            raise ConnectionError("client went away mid-body")
+        yield data
         h.rfile.readline(8)
 
 
@@ -1138,8 +1278,8 @@ def registry_token(tmp_path: Path, token_server: TokenServer) -> Iterator[Runnin
 def make_proxy() -> Iterator[Callable[..., FaultProxy]]:
     proxies: list[FaultProxy] = []
 
-    def make(reg: RunningRegistry, bind: str = "127.0.0.1") -> FaultProxy:
-        p = FaultProxy(reg, bind)
+    def make(reg: RunningRegistry, bind: str = "127.0.0.1", **kw: Any) -> FaultProxy:
+        p = FaultProxy(reg, bind, **kw)
         proxies.append(p)
         return p
 
