@@ -155,8 +155,8 @@ def test_chunk_min_length_honoured(registry: RunningRegistry, make_proxy, barge_
     # the proxy cannot add headers to forwarded answers, so check the arithmetic directly
     orig = c._start_upload
 
-    def start(repo: str):  # type: ignore[no-untyped-def]
-        loc, _ = orig(repo)
+    def start(repo: str, **kw):  # type: ignore[no-untyped-def]
+        loc, _ = orig(repo, **kw)
         return loc, 40_000
 
     c._start_upload = start  # type: ignore[method-assign]

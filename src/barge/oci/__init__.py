@@ -17,13 +17,15 @@ from barge.oci.errors import (
     NameInvalid,
     NameUnknown,
     RegistryResponseError,
+    RegistryTimeout,
     RegistryUnreachable,
     SizeInvalid,
     TooManyRequests,
     Unauthorized,
     Unsupported,
 )
-from barge.oci.transport import RetryPolicy
+from barge.oci.retry import RetryPolicy
+from barge.oci.settings import HostSettings
 from barge.oci.types import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -50,6 +52,7 @@ __all__ = [
     "Descriptor",
     "DigestInvalid",
     "DigestMismatch",
+    "HostSettings",
     "ImageManifest",
     "Index",
     "LayerLimitExceeded",
@@ -61,6 +64,7 @@ __all__ = [
     "Platform",
     "RegistryClient",
     "RegistryResponseError",
+    "RegistryTimeout",
     "RegistryUnreachable",
     "RetryPolicy",
     "SizeInvalid",

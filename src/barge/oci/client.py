@@ -1,11 +1,16 @@
 """The registry client: OCI distribution-spec endpoints over one pooled, thread-safe transport.
 
 One :class:`RegistryClient` talks to one registry and may be shared by worker threads.
-Every step is retried with exponential backoff and jitter on connection errors, 408, 429
-(honouring Retry-After) and 5xx, bounded in attempts and time (:class:`RetryPolicy`). Steps
-that carry data are never blindly repeated: uploads resume from the offset the server
-confirms (GET on the upload URL) or start a fresh session; downloads resume with ``Range``.
-Every downloaded byte of a whole blob or manifest is checked against its digest.
+Every step is retried with exponential backoff and jitter on connection errors, stalls, 408,
+429 (honouring Retry-After) and 5xx, within a :class:`~barge.oci.retry.Budget`: until
+``retry_timeout`` passes without progress (the furthest byte reached growing), so a moving
+transfer is never given up and a stuck one is, with a message naming what was waited for.
+Timings come from the host's :class:`~barge.oci.settings.HostSettings`. Steps that carry data
+are never blindly repeated: uploads resume from the offset the server confirms (GET on the
+upload URL, also across runs: :mod:`barge.oci.sessions`) and a lost answer to the closing PUT
+is checked with HEAD before anything is sent again (:mod:`barge.oci.uploads`); downloads
+resume with ``Range``. Every downloaded byte of a whole blob or manifest is checked against
+its digest.
 
 Connections: every response is finished with :func:`~barge.oci.transport.release`, which puts
 its connection back in the pool only when the body was read to the end (draining a small
@@ -16,6 +21,7 @@ never a raw exception.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import http.client
 import io
@@ -27,23 +33,30 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, BinaryIO, NoReturn, TypeVar, cast
+from typing import IO, Any, BinaryIO, NoReturn
 from urllib.parse import quote, urlencode, urlsplit
 
 import urllib3
 
-from barge import cancel
 from barge.errors import LimitError, RegistryError
 from barge.oci.auth import Authenticator, CredentialStore, default_home
 from barge.oci.errors import (
-    BlobUploadUnknown,
     DigestMismatch,
     RegistryResponseError,
+    RegistryTimeout,
     RegistryUnreachable,
-    TooManyRequests,
     error_from_response,
 )
-from barge.oci.transport import CONNECTION_ERRORS, RetryPolicy, Transport, redact_url, release
+from barge.oci.retry import Budget, RetryPolicy
+from barge.oci.sessions import UploadSessions
+from barge.oci.settings import HostSettings, settings_for
+from barge.oci.transport import (
+    CONNECTION_ERRORS,
+    Transport,
+    redact_url,
+    release,
+    timed_out,
+)
 from barge.oci.types import (
     MANIFEST_ACCEPT,
     Descriptor,
@@ -52,6 +65,7 @@ from barge.oci.types import (
     is_digest,
     media_type_of,
 )
+from barge.oci.uploads import Produced, Stored, run_upload
 from barge.untrusted import load_json
 
 __all__ = ["BlobReader", "RegistryClient"]
@@ -64,16 +78,28 @@ MAX_MANIFEST_SIZE = 8 << 20
 MAX_ERROR_BODY = 64 << 10
 MAX_TAG_PAGES = 10_000
 MAX_REFERRER_PAGES = 1_000
-UPLOAD_SESSIONS = 4  # fresh upload sessions tried for one blob before giving up
 
 BodyFactory = Callable[[], Any]
 
+#: what a transfer is, for messages ("layer 3/40"); set by callers around a transfer
+transfer_label: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "barge_transfer_label", default=None
+)
 
-T = TypeVar("T")
+
+@contextlib.contextmanager
+def labelled(label: str | None) -> Iterator[None]:
+    """Name the transfers started in this block (this thread) in their error messages."""
+    token = transfer_label.set(label)
+    try:
+        yield
+    finally:
+        transfer_label.reset(token)
 
 
-class _Restart(Exception):
-    """The upload session is lost or its state is unknowable; start a fresh one."""
+def short_digest(digest: str) -> str:
+    algo, _, hexd = digest.partition(":")
+    return f"{algo}:{hexd[:12]}…" if len(hexd) > 12 else digest
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -124,9 +150,10 @@ class _LimitedReader:
 class BlobReader(io.RawIOBase):
     """A streaming blob download; ``readinto`` reads straight from the socket.
 
-    Interrupted transfers resume with ``Range`` from the current position (bounded). When
-    reading a whole blob (offset 0, no length), the sha256 is checked at EOF and a mismatch
-    raises :class:`DigestMismatch`.
+    Interrupted or stalled transfers resume with ``Range`` from the current position, within
+    one :class:`~barge.oci.retry.Budget` for the whole blob (every byte read is progress).
+    When reading a whole blob (offset 0, no length), the sha256 is checked at EOF and a
+    mismatch raises :class:`DigestMismatch`.
     """
 
     def __init__(
@@ -150,7 +177,9 @@ class BlobReader(io.RawIOBase):
         self._hash = hashlib.sha256() if self._verify else None
         self._resp: urllib3.BaseHTTPResponse | None = None
         self._fp: Any = None
-        self._resumes = 0
+        label = transfer_label.get()
+        self._doing = f"downloading {short_digest(digest)}" + (f" ({label})" if label else "")
+        self._budget = client._budget(f"blob {repo}@{digest}")
         self._eof = False
         self.total_size: int | None = None  # the whole blob's size when the server said it
         if length == 0:
@@ -171,6 +200,7 @@ class BlobReader(io.RawIOBase):
             headers=headers,
             kind="blob",
             what=f"blob {self._repo}@{self.digest}",
+            budget=self._budget,
         )
         skip = 0
         if resp.status == 206:
@@ -231,15 +261,11 @@ class BlobReader(io.RawIOBase):
         release(resp, drain=0 if not reusable else 64 << 10)
 
     def _resume(self, err: BaseException) -> None:
+        """The body broke off or stalled: count it against the blob's budget (which raises
+        when it is spent), then ask again from the current position."""
         self._drop(False)
-        policy = self._client.retry
-        if self._resumes >= policy.attempts * 2:
-            raise RegistryUnreachable(
-                f"cannot download blob {self.digest} from {self._client.registry}: "
-                f"transfer kept failing at byte {self._pos} ({type(err).__name__})"
-            ) from None
-        self._resumes += 1
-        cancel.sleep(policy.delay(min(self._resumes - 1, 3)))
+        where = f"at byte {self._pos}" + (f" of {self._end}" if self._end is not None else "")
+        self._budget.retry(self._client._body_error(err, f"{self._doing} {where}"))
         log.debug("blob %s: resuming at %d after %s", self.digest, self._pos, type(err).__name__)
         self._open()
 
@@ -263,6 +289,7 @@ class BlobReader(io.RawIOBase):
         mv = memoryview(b).cast("B")
         if len(mv) == 0:
             return 0
+        self._budget.check_deadline()
         while True:
             want = len(mv)
             if self._remaining is not None:
@@ -284,6 +311,7 @@ class BlobReader(io.RawIOBase):
             if self._hash is not None:
                 self._hash.update(mv[:n])
             self._pos += n
+            self._budget.advance(self._pos)
             if self._remaining is not None:
                 self._remaining -= n
                 if self._remaining == 0:
@@ -340,15 +368,24 @@ class RegistryClient:
         home: Path | None = None,
         credentials: CredentialStore | None = None,
         debug: bool = False,
+        settings: HostSettings | None = None,
     ) -> None:
         self.registry = registry
         self.home = home if home is not None else default_home()
         self.debug = debug or os.environ.get("BARGE_DEBUG", "") not in ("", "0")
+        self.settings = settings if settings is not None else settings_for(registry)
         self.retry = RetryPolicy()
-        self._transport = Transport(registry, insecure=insecure, home=self.home, debug=self.debug)
+        # the operation's deadline counts from the moment this command first needs the host
+        self._deadline = (
+            time.monotonic() + self.settings.timeout if self.settings.timeout > 0 else None
+        )
+        self._transport = Transport(
+            registry, insecure=insecure, home=self.home, debug=self.debug, settings=self.settings
+        )
         self._store = credentials if credentials is not None else CredentialStore(self.home)
         self._auth_lock = threading.Lock()
         self._auth: Authenticator | None = None
+        self.sessions = UploadSessions(self.home / "uploads")
 
     def __repr__(self) -> str:
         return f"RegistryClient({self.registry!r})"
@@ -386,6 +423,21 @@ class RegistryClient:
             return path_or_url
         return self._transport.base_url() + path_or_url
 
+    def _budget(self, what: str) -> Budget:
+        return Budget(
+            self.retry, self.settings, registry=self.registry, what=what, deadline=self._deadline
+        )
+
+    def _body_error(self, e: BaseException, doing: str) -> RegistryUnreachable:
+        """The error for a body that broke off (``doing``: "downloading sha256:… at byte 9")."""
+        if timed_out(e):
+            return RegistryTimeout(
+                f"no data from {self._transport.api_host} for "
+                f"{self.settings.stall_timeout:g} s while {doing}"
+            )
+        reason = "connection closed early" if isinstance(e, EOFError) else type(e).__name__
+        return RegistryUnreachable(f"cannot reach registry {self.registry}: {doing}: {reason}")
+
     def _stream(
         self,
         method: str,
@@ -399,24 +451,26 @@ class RegistryClient:
         what: str,
         retry: bool = True,
         missing_ok: bool = False,
+        budget: Budget | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """Send with auth + retries; return the (unread) response whose status is in ``ok``.
 
         Error statuses raise the typed exception; 404 with ``missing_ok`` is returned.
         ``body`` is a factory so the request can be replayed (auth retry, 307, retries).
+        Failures are retried within ``budget`` (a fresh one for this request when None);
+        ``retry=False``: the first failure is raised.
         """
-        policy = self.retry
-        started = time.monotonic()
-        attempt = 0
+        budget = budget if budget is not None else self._budget(what)
         auth_tries = 0
         idempotent = method in IDEMPOTENT or (method == "PUT" and kind == "manifest")
         while True:
-            url = self._url(path)
+            budget.check_deadline()
             hdrs = dict(headers or {})
             auth = self.auth.header(scopes)
             if auth:
                 hdrs["Authorization"] = auth
             try:
+                url = self._url(path)  # the first request probes the scheme
                 resp, final = self._transport.send(
                     method,
                     url,
@@ -424,16 +478,13 @@ class RegistryClient:
                     body() if body else None,
                     body_again=body,
                     idempotent=idempotent,
+                    what=what,
                 )
             except RegistryUnreachable as e:
                 if not retry or not getattr(e, "retryable", True):
                     raise
-                attempt += 1
                 # a refused connection rarely heals in seconds: fewer tries
-                limit = min(policy.attempts, 3) if "refused" in e.message else policy.attempts
-                if attempt >= limit or time.monotonic() - started > policy.total:
-                    raise
-                cancel.sleep(policy.delay(attempt - 1))
+                budget.retry(e, limit=3 if "refused" in e.message else None)
                 continue
             status = resp.status
             if status in ok or (missing_ok and status == 404):
@@ -447,26 +498,15 @@ class RegistryClient:
                 auth_tries += 1
                 self.auth.challenged(challenge, scopes, what)
                 continue
-            if status in RETRY_STATUS and retry:
-                ra = _retry_after(resp.headers)
-                data = self._read_error(resp, method)
-                attempt += 1
-                elapsed = time.monotonic() - started
-                delay = policy.delay(attempt - 1, ra)
-                if attempt >= policy.attempts or elapsed + delay > policy.total:
-                    self._raise(status, data, resp.headers, what, kind)
-                log.debug(
-                    "%s %s: HTTP %s, retry %d in %.2fs",
-                    method,
-                    redact_url(url),
-                    status,
-                    attempt,
-                    delay,
-                )
-                cancel.sleep(delay)
-                continue
             data = self._read_error(resp, method)
-            self._raise(status, data, resp.headers, what, kind)
+            err = error_from_response(
+                status, data, resp.headers, registry=self.registry, what=what, kind=kind
+            )
+            if status in RETRY_STATUS and retry:
+                log.debug("%s %s: HTTP %s, retrying", method, redact_url(url), status)
+                budget.retry(err, retry_after=_retry_after(resp.headers))
+                continue
+            raise err
 
     def _request(
         self,
@@ -482,10 +522,12 @@ class RegistryClient:
         retry: bool = True,
         missing_ok: bool = False,
         max_body: int = MAX_MANIFEST_SIZE,
+        budget: Budget | None = None,
     ) -> _Response:
-        # a connection that breaks while the answer is read: idempotent requests get one
-        # more try (the transport opens a new connection), others report it
+        # a connection that breaks while the answer is read: idempotent requests are tried
+        # again within the budget, others report it
         again = retry and (method in IDEMPOTENT or (method == "PUT" and kind == "manifest"))
+        budget = budget if budget is not None else self._budget(what)
         while True:
             resp = self._stream(
                 method,
@@ -498,18 +540,18 @@ class RegistryClient:
                 what=what,
                 retry=retry,
                 missing_ok=missing_ok,
+                budget=budget,
             )
             try:
                 data = self._read_body(resp, method, what, max_body)
             except CONNECTION_ERRORS as e:
                 resp.close()
-                if again:
-                    again = False
-                    log.debug("%s %s: answer broken off (%s); retrying", method, what, e)
-                    continue
-                raise RegistryUnreachable(
-                    f"cannot reach registry {self.registry}: {what}: {type(e).__name__}"
-                ) from None
+                err = self._body_error(e, f"reading the answer to {method} ({what})")
+                if not again:
+                    raise err from None
+                log.debug("%s %s: answer broken off (%s); retrying", method, what, e)
+                budget.retry(err)
+                continue
             finally:
                 release(resp)
             return _Response(resp.status, resp.headers, data, resp.geturl() or path)
@@ -623,7 +665,8 @@ class RegistryClient:
         return False
 
     # -- uploads ----------------------------------------------------------------------------
-    def _start_upload(self, repo: str) -> tuple[str, int]:
+    def _start_upload(self, repo: str, *, budget: Budget | None = None) -> tuple[str, int]:
+        """Open an upload session: (its URL, the registry's OCI-Chunk-Min-Length or 0)."""
         r = self._request(
             "POST",
             f"/v2/{repo}/blobs/uploads/",
@@ -633,38 +676,13 @@ class RegistryClient:
             kind="upload",
             what=f"start upload to {repo}",
             max_body=MAX_ERROR_BODY,
+            budget=budget,
         )
         loc = r.headers.get("Location")
         if not loc:
             raise RegistryResponseError(f"{self.registry}: upload to {repo}: no Location")
         min_len = r.headers.get("OCI-Chunk-Min-Length", "")
         return self._transport.resolve(loc), int(min_len) if min_len.isdigit() else 0
-
-    def _upload_status(self, repo: str, location: str) -> tuple[str, int]:
-        """(location, offset the server holds) for an upload session; _Restart if it is gone."""
-        try:
-            r = self._request(
-                "GET",
-                location,
-                scopes=self._push(repo),
-                ok=(204, 200),
-                missing_ok=True,
-                kind="upload",
-                what=f"upload status in {repo}",
-                max_body=MAX_ERROR_BODY,
-            )
-        except (BlobUploadUnknown, RegistryResponseError) as e:
-            raise _Restart() from e
-        if r.status == 404:
-            raise _Restart()
-        loc = r.headers.get("Location")
-        new_loc = self._transport.resolve(loc) if loc else location
-        m = re.match(r"(?:bytes=)?(\d+)-(\d+)", r.headers.get("Range", ""))
-        if not m:
-            return new_loc, 0
-        end = int(m.group(2))
-        # distribution answers "0-0" for both 0 and 1 byte; assume 0 (a 416 sends us back here)
-        return new_loc, 0 if end == 0 else end + 1
 
     @staticmethod
     def _with_digest(location: str, digest: str) -> str:
@@ -681,21 +699,23 @@ class RegistryClient:
         chunk_size: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        """Upload a blob. ``progress(delta)`` gets bytes sent (negative when a restart undoes
-        some); the deltas of a successful upload sum to ``size``."""
-
-        def session(location: str, min_len: int, report: Callable[[int], None]) -> None:
-            if chunk_size is None:
-                self._upload_monolithic(repo, digest, size, open_at, location, report)
-            else:
-                self._upload_chunked(
-                    repo, digest, size, open_at, location, max(chunk_size, min_len, 1), report
-                )
-
-        def arrived() -> bool:  # a lost answer to a PUT that did land
-            return self._exists_quietly(repo, digest) == size
-
-        self._in_sessions(repo, f"blob {digest}", session, progress, arrived, size)
+        """Upload a blob: one ``PUT`` with the body when ``chunk_size`` is None, else
+        ``PATCH`` requests of ``chunk_size`` bytes (a session kept across runs, so a killed
+        upload continues where the registry says it stands). ``open_at(offset)`` gives the
+        bytes from ``offset`` (called again for every attempt). ``progress(delta)`` gets bytes
+        sent (negative when a restart undoes some); the deltas of a success sum to ``size``."""
+        label = transfer_label.get()
+        what = short_digest(digest) + (f" ({label})" if label else "")
+        run_upload(
+            self,
+            repo,
+            Stored(digest, size, open_at),
+            what=what,
+            chunk=chunk_size,
+            monolithic=chunk_size is None,
+            key=f"blob:{digest}:{size}",
+            progress=progress,
+        )
 
     def upload_stream(
         self,
@@ -705,6 +725,7 @@ class RegistryClient:
         chunk_size: int | None = None,
         progress: Callable[[int], None] | None = None,
         before_commit: Callable[[str, int], None] | None = None,
+        resume_key: str | None = None,
     ) -> tuple[str, int]:
         """Upload a blob while it is being produced (compressed): its digest and size are known
         only at the end. Returns ``(digest, size)``. ``before_commit(digest, size)`` runs once
@@ -714,315 +735,23 @@ class RegistryClient:
         With ``chunk_size`` None the bytes go in one streamed ``PATCH`` (chunked transfer
         encoding), so producing and sending overlap and nothing is spooled; otherwise in
         ``PATCH`` requests of ``chunk_size`` bytes (registries that cap PATCH bodies). Then
-        ``PUT ?digest=`` closes the session. A failure restarts a fresh session and calls
-        ``produce()`` again, so it must yield the same bytes each time (barge's encoder is
-        deterministic). ``progress(delta)`` as for :meth:`upload_blob`.
+        ``PUT ?digest=`` closes the session. To continue at an offset (a failed PATCH, a
+        resumed session) ``produce()`` is called again and the bytes before it are hashed but
+        not sent, so it must yield the same bytes each time (barge's encoder is
+        deterministic). ``resume_key`` (naming exactly these bytes) keeps the session across
+        runs. ``progress(delta)`` as for :meth:`upload_blob`.
         """
-
-        def session(location: str, min_len: int, report: Callable[[int], None]) -> tuple[str, int]:
-            chunk = None if chunk_size is None else max(chunk_size, min_len, 1)
-            return self._upload_streamed(repo, produce, location, chunk, report, before_commit)
-
-        return self._in_sessions(repo, "a blob", session, progress)
-
-    def _in_sessions(
-        self,
-        repo: str,
-        what: str,
-        session: Callable[[str, int, Callable[[int], None]], T],
-        progress: Callable[[int], None] | None,
-        arrived: Callable[[], bool] | None = None,
-        size: int = 0,
-    ) -> T:
-        """Run an upload in fresh sessions until one completes (bounded in count and time).
-        A session that raises _Restart is abandoned, its progress undone, and, unless
-        ``arrived()`` says the blob landed after all, the next one starts after a backoff."""
-        sent = 0
-
-        def report(n: int) -> None:
-            nonlocal sent
-            sent += n
-            if progress is not None and n:
-                progress(n)
-
-        started = time.monotonic()
-        for attempt in range(UPLOAD_SESSIONS):
-            location, min_len = self._start_upload(repo)
-            try:
-                return session(location, min_len, report)
-            except _Restart as e:
-                cause = e.__cause__ or e
-                if arrived is not None and arrived():
-                    report(size - sent)
-                    return cast(T, None)
-                report(-sent)
-                last = attempt == UPLOAD_SESSIONS - 1
-                if last or time.monotonic() - started > self.retry.total:
-                    if isinstance(cause, RegistryError):
-                        raise cause from None
-                    raise RegistryUnreachable(
-                        f"cannot upload {what} to {self.registry}/{repo}: "
-                        f"upload kept failing ({type(cause).__name__})"
-                    ) from None
-                log.debug("upload of %s: fresh session after %s", what, type(cause).__name__)
-                cancel.sleep(self.retry.delay(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _upload_streamed(
-        self,
-        repo: str,
-        produce: Callable[[], Iterable[bytes]],
-        location: str,
-        chunk: int | None,
-        report: Callable[[int], None],
-        before_commit: Callable[[str, int], None] | None,
-    ) -> tuple[str, int]:
-        h = hashlib.sha256()
-        size = 0
-        what = f"upload a blob to {repo}"
-
-        def patch(body: Callable[[], Any], headers: dict[str, str]) -> None:
-            nonlocal location
-            r = self._upload_step(
-                "PATCH",
-                location,
-                repo,
-                headers={"Content-Type": "application/octet-stream", **headers},
-                body=body,
-                what=what,
-                ok=(202, 204),
-            )
-            loc = r.headers.get("Location")
-            if loc:
-                location = self._transport.resolve(loc)
-
-        if chunk is None:
-            started = [False]
-
-            def stream() -> Any:
-                if started[0]:  # a replay (auth retry) would need the bytes again
-                    raise _Restart()
-                started[0] = True
-
-                def gen() -> Iterator[bytes]:
-                    nonlocal size
-                    for piece in produce():
-                        if piece:
-                            h.update(piece)
-                            size += len(piece)
-                            report(len(piece))
-                            yield piece
-
-                return gen()
-
-            patch(stream, {})
-        else:
-            buf = bytearray()
-            offset = 0
-
-            def flush(data: bytes) -> None:
-                nonlocal offset
-                end = offset + len(data) - 1
-                patch(
-                    lambda: data,
-                    {"Content-Range": f"{offset}-{end}", "Content-Length": str(len(data))},
-                )
-                offset += len(data)
-                report(len(data))
-
-            for piece in produce():
-                if not piece:
-                    continue
-                h.update(piece)
-                size += len(piece)
-                buf += piece
-                while len(buf) >= chunk:
-                    flush(bytes(buf[:chunk]))
-                    del buf[:chunk]
-            if buf:
-                flush(bytes(buf))
-        digest = "sha256:" + h.hexdigest()
-        if before_commit is not None:
-            before_commit(digest, size)
-        self._upload_step(
-            "PUT",
-            self._with_digest(location, digest),
+        label = transfer_label.get()
+        return run_upload(
+            self,
             repo,
-            headers={"Content-Length": "0"},
-            body=lambda: b"",
-            what=f"finish upload of {digest} to {repo}",
-        )
-        return digest, size
-
-    def _upload_step(
-        self,
-        method: str,
-        url: str,
-        repo: str,
-        *,
-        headers: dict[str, str],
-        body: Callable[[], Any],
-        what: str,
-        ok: tuple[int, ...] = (201, 204),
-    ) -> _Response:
-        """One request of an upload session, not retried on its own: a lost connection, a
-        retryable status or a vanished session means the session restarts (_Restart)."""
-        try:
-            return self._request(
-                method,
-                url,
-                scopes=self._push(repo),
-                ok=ok,
-                headers=headers,
-                body=body,
-                kind="upload",
-                what=what,
-                retry=False,
-                max_body=MAX_ERROR_BODY,
-            )
-        except RegistryUnreachable as e:
-            raise _Restart() from e
-        except RegistryResponseError as e:
-            if e.status in RETRY_STATUS or isinstance(e, BlobUploadUnknown):
-                raise _Restart() from e
-            raise
-
-    def _exists_quietly(self, repo: str, digest: str) -> int | None:
-        try:
-            return self.blob_exists(repo, digest)
-        except RegistryError:
-            return None
-
-    def _upload_monolithic(
-        self,
-        repo: str,
-        digest: str,
-        size: int,
-        open_at: Callable[[int], BinaryIO],
-        location: str,
-        report: Callable[[int], None],
-    ) -> None:
-        streams: list[IO[bytes]] = []
-        partial: list[_LimitedReader] = []
-
-        def body() -> Any:
-            for s in streams:
-                s.close()
-            streams.clear()
-            for p in partial:  # a replay (auth retry, 307) re-sends: undo the first attempt
-                report(-p.sent)
-            partial.clear()
-            if size == 0:
-                return b""
-            f = open_at(0)
-            streams.append(f)
-            lr = _LimitedReader(f, size, report)
-            partial.append(lr)
-            return lr
-
-        try:
-            self._upload_step(
-                "PUT",
-                self._with_digest(location, digest),
-                repo,
-                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-                body=body,
-                what=f"upload blob {digest} to {repo}",
-            )
-        finally:
-            for s in streams:
-                s.close()
-
-    def _upload_chunked(
-        self,
-        repo: str,
-        digest: str,
-        size: int,
-        open_at: Callable[[int], BinaryIO],
-        location: str,
-        chunk: int,
-        report: Callable[[int], None],
-    ) -> None:
-        offset = 0
-        confirmed_sent = 0  # bytes reported for confirmed chunks
-        failures = 0
-        started = time.monotonic()
-        policy = self.retry
-        while offset < size:
-            n = min(chunk, size - offset)
-            streams: list[IO[bytes]] = []
-            partial: list[_LimitedReader] = []
-
-            def body(
-                off: int = offset,
-                n: int = n,
-                streams: list[IO[bytes]] = streams,
-                partial: list[_LimitedReader] = partial,
-            ) -> Any:
-                for s in streams:
-                    s.close()
-                streams.clear()
-                for p in partial:  # a replay (auth retry) re-sends: undo the first attempt
-                    report(-p.sent)
-                partial.clear()
-                f = open_at(off)
-                streams.append(f)
-                lr = _LimitedReader(f, n, report)
-                partial.append(lr)
-                return lr
-
-            try:
-                r = self._request(
-                    "PATCH",
-                    location,
-                    scopes=self._push(repo),
-                    ok=(202, 204),
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Range": f"{offset}-{offset + n - 1}",
-                        "Content-Length": str(n),
-                    },
-                    body=body,
-                    kind="upload",
-                    what=f"upload chunk of {digest} to {repo}",
-                    retry=False,
-                    max_body=MAX_ERROR_BODY,
-                )
-            except (RegistryUnreachable, RegistryResponseError) as e:
-                for p in partial:
-                    report(-p.sent)
-                if isinstance(e, BlobUploadUnknown):
-                    raise _Restart() from e
-                retryable = isinstance(e, RegistryUnreachable) or (
-                    isinstance(e, RegistryResponseError) and e.status in (RETRY_STATUS | {416})
-                )
-                if not retryable:
-                    raise
-                failures += 1
-                if failures >= policy.attempts * 2 or time.monotonic() - started > policy.total:
-                    raise _Restart() from e
-                ra = e.retry_after if isinstance(e, TooManyRequests) else None
-                cancel.sleep(policy.delay(min(failures - 1, 4), ra))
-                location, offset = self._upload_status(repo, location)
-                # progress follows the server-confirmed offset
-                report(offset - confirmed_sent)
-                confirmed_sent = offset
-                continue
-            finally:
-                for s in streams:
-                    s.close()
-            loc = r.headers.get("Location")
-            if loc:
-                location = self._transport.resolve(loc)
-            offset += n
-            confirmed_sent = offset
-        self._upload_step(
-            "PUT",
-            self._with_digest(location, digest),
-            repo,
-            headers={"Content-Length": "0"},
-            body=lambda: b"",
-            what=f"finish upload of {digest} to {repo}",
+            Produced(produce),
+            what="a blob" + (f" ({label})" if label else ""),
+            chunk=chunk_size,
+            monolithic=False,
+            key=f"stream:{resume_key}" if resume_key else None,
+            progress=progress,
+            before_commit=before_commit,
         )
 
     # -- manifests --------------------------------------------------------------------------

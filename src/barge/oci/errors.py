@@ -39,6 +39,7 @@ __all__ = [
     "NameInvalid",
     "NameUnknown",
     "RegistryResponseError",
+    "RegistryTimeout",
     "RegistryUnreachable",
     "SizeInvalid",
     "TooManyRequests",
@@ -68,6 +69,11 @@ class RegistryResponseError(RegistryError):
 
 class RegistryUnreachable(RegistryError):
     """The registry could not be reached (connection refused, DNS, TLS handshake, timeouts)."""
+
+
+class RegistryTimeout(RegistryUnreachable):
+    """The registry did not answer or send within the stall timeout, a connection was not
+    made within the connect timeout, or the operation's deadline passed."""
 
 
 class Unauthorized(AuthError, RegistryResponseError):

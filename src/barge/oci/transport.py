@@ -6,7 +6,16 @@
 * ``insecure=True``: HTTPS without verification, falling back to plain HTTP.
 * Loopback registries (127.0.0.0/8, ::1, localhost) fall back to plain HTTP when the TLS
   handshake fails for a reason other than certificate verification (the server speaks HTTP).
-  A certificate that does not verify is never silently accepted.
+  A certificate that does not verify is never silently accepted. The probe is bounded: a
+  server that says nothing to a TLS ClientHello within :data:`TLS_PROBE_TIMEOUT` (a TLS
+  server on loopback answers in milliseconds; a plain-HTTP one waits for a request line that
+  never comes) is asked ``GET /v2/`` in plain HTTP, and used that way when it answers like a
+  registry (200 or 401).
+* Timeouts come from :class:`~barge.oci.settings.HostSettings`: ``connect_timeout`` bounds
+  the TCP connect and the TLS handshake, ``stall_timeout`` every wait for a byte after that,
+  sending included (urllib3 would bound sends by the connect timeout: :class:`_StallBound`).
+  A timeout is raised as :class:`~barge.oci.errors.RegistryTimeout` naming the host, the
+  seconds waited and what for.
 * Redirects are followed by hand (at most :data:`MAX_REDIRECTS`); ``Authorization`` is
   dropped whenever the scheme, host or port changes.
 * A connection goes back to the pool only when its response was read to the end
@@ -26,37 +35,42 @@ import http.client
 import ipaddress
 import logging
 import os
-import random
 import ssl
 import sys
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
 import urllib3.connection
+import urllib3.connectionpool
+from urllib3.exceptions import ConnectTimeoutError, LocationValueError, NewConnectionError, SSLError
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import LocationValueError, SSLError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from barge import cancel
-from barge.oci.errors import RegistryUnreachable
+from barge.oci.errors import RegistryTimeout, RegistryUnreachable
+from barge.oci.retry import RetryPolicy
+from barge.oci.settings import HostSettings, settings_for
 
 __all__ = [
     "CONNECTION_ERRORS",
     "MAX_REDIRECTS",
     "RetryPolicy",
+    "TLS_PROBE_TIMEOUT",
     "Transport",
     "is_loopback",
     "redact_url",
     "release",
+    "timed_out",
 ]
 
 log = logging.getLogger("barge.oci")
 
 MAX_REDIRECTS = 5
+TLS_PROBE_TIMEOUT = 2.0  # seconds a loopback server may take to answer a TLS ClientHello
 USER_AGENT = "barge/0.1 (+https://github.com/barge)"
 BLOCKSIZE = 1 << 20
 DRAIN_LIMIT = 64 << 10  # unread body bytes worth reading to keep a connection
@@ -70,34 +84,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ValueError,
 )
-
-
-class _HTTPConnection(urllib3.connection.HTTPConnection):
-    """A connection whose socket a cancellation request shuts down (barge.cancel)."""
-
-    def connect(self) -> None:
-        super().connect()
-        cancel.track_socket(self.sock)
-
-
-class _HTTPSConnection(urllib3.connection.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        cancel.track_socket(self.sock)
-
-
-class _HTTPPool(urllib3.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(urllib3.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-def _pool_manager(**kw: Any) -> urllib3.PoolManager:
-    pm = urllib3.PoolManager(**kw)
-    pm.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-    return pm
 
 
 def release(resp: urllib3.BaseHTTPResponse, *, drain: int = DRAIN_LIMIT) -> None:
@@ -158,22 +144,6 @@ def _broken_connection(e: BaseException) -> bool:
     return False
 
 
-@dataclass
-class RetryPolicy:
-    """Exponential backoff with full jitter, bounded in attempts and total time."""
-
-    attempts: int = 6  # total tries for one step, including the first
-    base: float = 0.5  # first backoff (seconds), doubled each time
-    cap: float = 15.0  # longest single sleep
-    total: float = 120.0  # give up once this much time has been spent on one step
-    retry_after_cap: float = 60.0  # longest Retry-After we honour
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self.retry_after_cap)
-        return random.uniform(0, min(self.cap, self.base * (2**attempt)))
-
-
 def is_loopback(host: str) -> bool:
     h = host.strip("[]").lower()
     if h == "localhost" or h.endswith(".localhost"):
@@ -223,11 +193,72 @@ def _certs_dir(home: Path, registry: str) -> Path:
     return home / "certs.d" / registry
 
 
+class _StallBound:
+    """Connection mixin: the socket is tracked for cancellation (:mod:`barge.cancel`) and the
+    request is sent under the stall timeout, not the connect timeout.
+
+    urllib3 sets a connection's timeout to the connect timeout before sending a request and
+    to the read timeout only once it waits for the answer, so a registry that stops taking an
+    upload's body would be given up after the (short) connect timeout. Here the connection
+    is made (TCP, TLS) under the connect timeout, then the socket gets the stall timeout for
+    sending too. ``stall`` is set by the pool (:class:`_StallPoolMixin`)."""
+
+    stall: float | None = None
+    sock: Any
+    timeout: Any
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        cancel.track_socket(self.sock)  # a cancellation request shuts it down (barge.cancel)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        if self.sock is None:
+            self.connect()  # under the pool's connect timeout
+        if self.stall is not None:
+            self.timeout = self.stall  # urllib3's request() applies it to the socket
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _Conn(_StallBound, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _TLSConn(_StallBound, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _StallPoolMixin:
+    timeout: urllib3.Timeout
+
+    def _new_conn(self) -> Any:
+        conn = super()._new_conn()  # type: ignore[misc]
+        read = self.timeout.read_timeout
+        conn.stall = read if isinstance(read, (int, float)) else None
+        return conn
+
+
+class _Pool(_StallPoolMixin, urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _Conn
+
+
+class _TLSPool(_StallPoolMixin, urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _TLSConn
+
+
 class Transport:
     """Pooled, thread-safe HTTP for one registry host."""
 
-    def __init__(self, registry: str, *, insecure: bool, home: Path, debug: bool) -> None:
+    def __init__(
+        self,
+        registry: str,
+        *,
+        insecure: bool,
+        home: Path,
+        debug: bool,
+        settings: HostSettings | None = None,
+    ) -> None:
         self.registry = registry
+        self.settings = settings if settings is not None else settings_for(registry)
         # docker.io is a name; its API lives on registry-1.docker.io
         self.api_host = (
             "registry-1.docker.io" if registry in ("docker.io", "index.docker.io") else registry
@@ -239,7 +270,9 @@ class Transport:
         self.home = home
         self._lock = threading.Lock()
         self._base: str | None = None
-        timeout = urllib3.Timeout(connect=15.0, read=120.0)
+        timeout = urllib3.Timeout(
+            connect=self.settings.connect_timeout, read=self.settings.stall_timeout
+        )
         common: dict[str, Any] = dict(
             num_pools=8,
             maxsize=16,
@@ -294,10 +327,23 @@ class Transport:
             return self._base
 
     def _probe(self) -> str:
+        """The scheme for a registry that may speak plain HTTP (loopback, ``--insecure``).
+
+        TLS first, with the handshake bounded by :data:`TLS_PROBE_TIMEOUT`. A server that
+        answers the ClientHello with something other than TLS speaks HTTP. One that says
+        nothing at all is asked ``GET /v2/`` in plain HTTP and used so if it answers like a
+        registry (200 or 401); otherwise TLS is kept (a real TLS server that was slow gets
+        the full connect timeout on the next request). Failures that say nothing about the
+        scheme (connection refused, a server silent to both) raise and are not remembered,
+        so the next attempt probes again."""
         https = f"https://{self.api_host}"
         http = f"http://{self.api_host}"
         if not (self.insecure or self.loopback):
             return https
+        probe_timeout = urllib3.Timeout(
+            connect=min(self.settings.connect_timeout, TLS_PROBE_TIMEOUT),
+            read=self.settings.stall_timeout,
+        )
         try:
             r = self._pool_for(https).request(
                 "GET",
@@ -305,6 +351,7 @@ class Transport:
                 preload_content=False,
                 redirect=False,
                 headers={"User-Agent": USER_AGENT},
+                timeout=probe_timeout,
             )
             release(r)
             return https
@@ -314,11 +361,36 @@ class Transport:
                     f"cannot reach registry {self.registry}: TLS certificate not trusted ({_reason(e)})",
                     hint=f"put the registry's CA certificate in {_certs_dir(self.home, self.registry)}/ca.crt",
                 ) from None
-            log.debug("%s: HTTPS failed (%s); using plain HTTP", self.registry, _reason(e))
-            return http
+            if not timed_out(e):
+                log.debug("%s: HTTPS failed (%s); using plain HTTP", self.registry, _reason(e))
+                return http
+        except ConnectTimeoutError as e:  # refused, unresolvable, or no TCP connection in time
+            raise _unreachable(self.registry, https, e, self.settings) from None
+        except Urllib3Timeout:
+            pass  # connected, but no answer to the ClientHello (or to GET /v2/)
         except Urllib3Error as e:
             log.debug("%s: HTTPS failed (%s); using plain HTTP", self.registry, _reason(e))
             return http
+        # no answer to the ClientHello: does it answer plain HTTP like a registry?
+        log.debug("%s: no answer to a TLS ClientHello; trying plain HTTP", self.registry)
+        try:
+            r = self._verified.request(
+                "GET",
+                http + "/v2/",
+                preload_content=False,
+                redirect=False,
+                headers={"User-Agent": USER_AGENT},
+            )
+        except CONNECTION_ERRORS as e:
+            if timed_out(e):
+                raise RegistryTimeout(
+                    f"no answer from {self.api_host} for {self.settings.stall_timeout:g} s "
+                    f"(it answered neither a TLS handshake nor a plain HTTP request)"
+                ) from None
+            raise _unreachable(self.registry, http, e, self.settings) from None
+        status = r.status
+        release(r)
+        return http if status in (200, 401) else https
 
     def _pool_for(self, url: str) -> urllib3.PoolManager:
         if (
@@ -345,8 +417,10 @@ class Transport:
         follow: bool = True,
         body_again: Any = None,
         idempotent: bool | None = None,
+        what: str | None = None,
     ) -> tuple[urllib3.BaseHTTPResponse, str]:
-        """Send one request following redirects; returns (response, final url).
+        """Send one request following redirects; returns (response, final url). ``what``
+        names the request in a timeout's message.
 
         The response body is not read (``preload_content=False``); the caller hands the
         response to :func:`release` when done. ``body_again`` is a zero-argument callable
@@ -358,7 +432,7 @@ class Transport:
         hdrs = dict(headers)
         hdrs.setdefault("User-Agent", USER_AGENT)
         for hop in range(MAX_REDIRECTS + 1):
-            resp = self._exchange(method, url, hdrs, body, idempotent, body_again)
+            resp = self._exchange(method, url, hdrs, body, idempotent, body_again, what)
             self._log_response(resp)
             if not follow or resp.status not in (301, 302, 303, 307, 308):
                 return resp, url
@@ -387,6 +461,7 @@ class Transport:
         body: Any,
         idempotent: bool,
         body_again: Any,
+        what: str | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """One request/response. A connection-level failure raises :class:`RegistryUnreachable`
         (never a raw urllib3/http.client/ValueError); an idempotent request whose connection
@@ -419,17 +494,19 @@ class Transport:
                     if body is not None and not isinstance(body, bytes):
                         body = body_again()
                     continue
-                raise _unreachable(self.registry, url, e) from None
+                raise _unreachable(
+                    self.registry, url, e, self.settings, method=method, what=what
+                ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def fetch(self, url: str, headers: dict[str, str]) -> tuple[int, bytes, Mapping[str, str]]:
         """Small GET (token endpoint); body read fully, at most 1 MiB."""
-        resp, _ = self.send("GET", url, headers)
+        resp, _ = self.send("GET", url, headers, what="a token")
         try:
             data = resp.read(1 << 20, decode_content=True)
         except CONNECTION_ERRORS as e:
             resp.close()
-            raise _unreachable(self.registry, url, e) from None
+            raise _unreachable(self.registry, url, e, self.settings, what="a token") from None
         finally:
             release(resp)
         return resp.status, data, resp.headers
@@ -489,9 +566,54 @@ def _reason(e: BaseException) -> str:
     return text or type(cur).__name__
 
 
-def _unreachable(registry: str, url: str, e: BaseException) -> RegistryUnreachable:
-    reason = _reason(e)
+def timed_out(e: BaseException) -> bool:
+    """Somewhere in ``e``'s chain a socket or urllib3 timeout."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [e]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, (TimeoutError, Urllib3Timeout)):
+            return not isinstance(cur, NewConnectionError)
+        if isinstance(cur, ssl.SSLError) and "timed out" in str(cur):
+            return True
+        todo.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
+        todo.extend(x for x in (cur.__cause__, cur.__context__) if x is not None)
+    return False
+
+
+def _timeout_error(
+    host: str, e: BaseException, settings: HostSettings, method: str | None, what: str | None
+) -> RegistryTimeout:
+    """The message for a timeout: what was waited for, for how long."""
+    about = f" ({what})" if what else ""
+    if isinstance(e, ConnectTimeoutError):
+        text = f"cannot connect to {host} within {settings.connect_timeout:g} s{about}"
+    elif isinstance(e, Urllib3Timeout):  # ReadTimeoutError: waiting for the answer
+        to = f" to {method}" if method else ""
+        text = f"no answer from {host} for {settings.stall_timeout:g} s{to}{about}"
+    else:  # the socket timed out while the request was being sent
+        text = f"{host} took no data for {settings.stall_timeout:g} s while {method or 'a request'} was sent{about}"
+    return RegistryTimeout(text)
+
+
+def _unreachable(
+    registry: str,
+    url: str,
+    e: BaseException,
+    settings: HostSettings | None = None,
+    *,
+    method: str | None = None,
+    what: str | None = None,
+) -> RegistryUnreachable:
     host = urlsplit(url).netloc
+    if settings is not None and timed_out(e):
+        err: RegistryUnreachable = _timeout_error(host, e, settings, method, what)
+        err.retryable = True  # type: ignore[attr-defined]
+        return err
+    reason = _reason(e)
     where = registry if _origin(url)[1].split(":")[0] in registry else f"{registry} (via {host})"
     hint = None
     if isinstance(e, SSLError) and _is_verify_error(e):
@@ -501,6 +623,13 @@ def _unreachable(registry: str, url: str, e: BaseException) -> RegistryUnreachab
     err.__cause__ = None
     err.retryable = not (isinstance(e, SSLError) and _is_verify_error(e))  # type: ignore[attr-defined]
     return err
+
+
+def _pool_manager(**kw: Any) -> urllib3.PoolManager:
+    """A PoolManager whose connections send under the stall timeout (:class:`_StallBound`)."""
+    pm = urllib3.PoolManager(**kw)
+    pm.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+    return pm
 
 
 def header_list(value: str | None) -> Iterable[str]:
