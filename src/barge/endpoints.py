@@ -84,14 +84,17 @@ class RegistryEnd:
         produce: Callable[[], Iterable[bytes]],
         progress: Callable[[int], None] | None = None,
         before_commit: Callable[[str, int], None] | None = None,
+        resume_key: str | None = None,
     ) -> tuple[str, int]:
-        """Upload a blob while it is produced; returns its (digest, size)."""
+        """Upload a blob while it is produced; returns its (digest, size). ``resume_key``
+        (naming exactly the bytes ``produce`` yields) lets a later run continue the upload."""
         digest, size = self.client.upload_stream(
             self.repo,
             produce,
             chunk_size=self.upload_chunk_size,
             progress=progress,
             before_commit=before_commit,
+            resume_key=resume_key,
         )
         self.store.catalog.add_blob_location(digest, self.registry, self.repo)
         return digest, size

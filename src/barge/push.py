@@ -527,7 +527,14 @@ class Pusher:
             def record(digest: str, size: int) -> None:  # before the blob exists
                 self._remember_chunk(result(digest), media_type)
 
-            digest, size = first.put_stream(produce, before_commit=record)
+            # the same disk file, unchanged, and the same encoding yield the same bytes: a
+            # later push may continue this upload where the registry says it stands
+            st = os.fstat(fd)
+            key = (
+                f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:"
+                f"{plan.offset}+{plan.length}:{self.codec.name}:{self.codec.level}:{fs}"
+            )
+            digest, size = first.put_stream(produce, before_commit=record, resume_key=key)
             enc = result(digest)
             if size != enc.csize:  # pragma: no cover - a bug guard
                 raise UsageError(f"encoder and upload disagree on chunk at {plan.offset}")
