@@ -9,11 +9,12 @@ else reaches a user as a traceback.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -51,6 +52,46 @@ format_option = click.option(
     show_default=True,
     help="Output format.",
 )
+
+
+_TIMEOUT_HELP = {
+    "connect_timeout": "Seconds to connect to a registry (TCP and TLS).",
+    "stall_timeout": "Seconds without a byte moving before an attempt fails.",
+    "retry_timeout": "Seconds of retrying without progress before giving up.",
+    "timeout": "Seconds for all of this command's work with a registry (0: no limit).",
+}
+
+
+def timeout_options(f: F) -> F:
+    """``--connect-timeout``, ``--stall-timeout``, ``--retry-timeout``, ``--timeout``: recorded
+    for this command (barge.oci.settings); each overrides its BARGE_* environment variable."""
+    from barge.oci.settings import ENV, FLAGS, HostSettings, set_flag
+
+    defaults = HostSettings()
+
+    def record(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+        assert param.name is not None
+        set_flag(param.name, value)  # None (not given): the environment's value holds
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        finally:  # the flags are this command's: nothing after it sees them
+            for name in ENV:
+                set_flag(name, None)
+
+    for name in reversed(list(ENV)):
+        command = click.option(
+            FLAGS[name],
+            name,
+            type=click.FloatRange(min=0, min_open=name != "timeout"),
+            metavar="SECONDS",
+            expose_value=False,
+            callback=record,
+            help=f"{_TIMEOUT_HELP[name]} [env {ENV[name]}; default {getattr(defaults, name):g}]",
+        )(command)
+    return cast(F, command)
 
 
 class BargeGroup(click.Group):

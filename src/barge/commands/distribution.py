@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from barge.cli import echo, emit_json, format_option, main
+from barge.cli import echo, emit_json, format_option, main, timeout_options
 from barge.disk.sizing import format_size as fmt_size
 from barge.errors import ExitCode
 from barge.progress import ConsoleReporter
@@ -30,6 +30,7 @@ _quiet = click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @_insecure
 @_quiet
 @format_option
+@timeout_options
 def copy(
     source: str,
     destination: str,
@@ -90,6 +91,7 @@ def copy(
 @click.argument("new_tags", nargs=-1, required=True)
 @_insecure
 @format_option
+@timeout_options
 def tag(reference: str, new_tags: tuple[str, ...], insecure: bool, fmt: str) -> None:
     """Add tags to an image in a registry (no blob moves).
 
@@ -119,6 +121,7 @@ def tag(reference: str, new_tags: tuple[str, ...], insecure: bool, fmt: str) -> 
 @_insecure
 @_quiet
 @format_option
+@timeout_options
 def verify(
     target: str,
     deep: bool,
@@ -172,6 +175,7 @@ def verify(
 @_insecure
 @_quiet
 @format_option
+@timeout_options
 def export(
     source: str,
     path: str,

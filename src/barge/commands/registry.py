@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from barge.cli import echo, emit_json, format_option, main
+from barge.cli import echo, emit_json, format_option, main, timeout_options
 from barge.errors import IntegrityError, UsageError
 from barge.oci import CredentialStore, RegistryClient
 from barge.oci.types import Descriptor, Manifest
@@ -45,6 +45,7 @@ def _registry_host(value: str) -> str:
 @click.option("-u", "--username", help="User name (prompted for when missing).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP / unverified TLS.")
+@timeout_options
 def login(host: str, username: str | None, password_stdin: bool, insecure: bool) -> None:
     """Log in to a registry; credentials go to $BARGE_HOME/auth.json (mode 0600)."""
     registry = _registry_host(host)
@@ -170,6 +171,7 @@ def _describe(client: RegistryClient, repo: str, m: Manifest) -> dict[str, Any]:
 @click.option("--raw", is_flag=True, help="Print the manifest exactly as served.")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP / unverified TLS.")
 @format_option
+@timeout_options
 def inspect(ref: str, raw: bool, insecure: bool, fmt: str) -> None:
     """Show an image's manifest, config, platform, sizes and layers."""
     r = parse(ref)
@@ -217,6 +219,7 @@ def inspect(ref: str, raw: bool, insecure: bool, fmt: str) -> None:
 @click.argument("repo")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP / unverified TLS.")
 @format_option
+@timeout_options
 def tags(repo: str, insecure: bool, fmt: str) -> None:
     """List a repository's tags."""
     r = parse_repository(repo)

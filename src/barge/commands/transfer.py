@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from barge.cli import echo, emit_json, format_option, main
+from barge.cli import echo, emit_json, format_option, main, timeout_options
 from barge.disk.sizing import format_size as fmt_size
 from barge.errors import UsageError
 from barge.progress import ConsoleReporter
@@ -80,6 +80,7 @@ def _opt_size(value: str | None, what: str) -> int | None:
     "layer. Tart pulls it, but it is not a valid EFI variable store, so the VM will not boot "
     "until nvram.bin is replaced on the Mac. Without this flag such a push is refused.",
 )
+@timeout_options
 def push(
     name: str,
     references: tuple[str, ...],
@@ -162,6 +163,7 @@ def push(
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @format_option
+@timeout_options
 def pull(
     reference: str, concurrency: int, platform: str | None, insecure: bool, quiet: bool, fmt: str
 ) -> None:

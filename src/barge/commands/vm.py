@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from barge import local
-from barge.cli import echo, emit_json, format_option, main, warn
+from barge.cli import echo, emit_json, format_option, main, timeout_options, warn
 from barge.store import Store
 from barge.units import format_size, parse_size
 from barge.untrusted import printable
@@ -265,6 +265,7 @@ def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
     is_flag=True,
     help="Clone a running VM too: paused for the copy, a crash-consistent copy.",
 )
+@timeout_options
 def clone(
     source: str,
     name: str,
