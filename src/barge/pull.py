@@ -60,7 +60,7 @@ from barge.formats import detect_format
 from barge.formats import tart as tartfmt
 from barge.formats import vetu as vetufmt
 from barge.image import MAX_SMALL_BLOB, parse_barge_manifest
-from barge.oci.client import RegistryClient
+from barge.oci.client import RegistryClient, labelled
 from barge.oci.types import INDEX_TYPES, Manifest
 from barge.progress import NullReporter, Reporter
 from barge.store import Disk, Store, VMConfig
@@ -417,6 +417,8 @@ class Puller:
             else None
         )
         tls = threading.local()
+        # "chunk 3/40 of disk.img" in a network error's message
+        nth = {(c.disk, c.offset): i for i, c in enumerate(index.chunks, 1)}
         try:
             for name, size in disks.items():
                 writers[name] = DiskWriter(staging / name, size)
@@ -435,7 +437,11 @@ class Puller:
                 bufs = getattr(tls, "bufs", None)
                 if bufs is None or not bufs.fits(meta.frame_size):
                     bufs = tls.bufs = DecodeBuffers(meta.frame_size)
-                self._fetch_chunk(end, writers[meta.disk], meta, frames, whole, bufs, local, task)
+                label = f"chunk {nth.get((meta.disk, meta.offset))}/{len(nth)} of {meta.disk}"
+                with labelled(label):
+                    self._fetch_chunk(
+                        end, writers[meta.disk], meta, frames, whole, bufs, local, task
+                    )
 
             cancel.parallel(run, work, max(1, self.opts.concurrency), name="pull")
             for w in writers.values():

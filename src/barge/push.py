@@ -63,7 +63,7 @@ from barge.image import (
     build_manifest,
     oci_config,
 )
-from barge.oci.client import RegistryClient
+from barge.oci.client import RegistryClient, labelled
 from barge.oci.errors import LayerLimitExceeded, RegistryResponseError
 from barge.oci.types import OCI_MANIFEST
 from barge.progress import NullReporter, Reporter
@@ -321,10 +321,13 @@ class Pusher:
         stats_before = {name: os.fstat(fd) for name, fd in fds.items()}
         metas: list[ChunkMeta] = []
         digests_by_disk: dict[str, list[list[Any]]] = {name: [] for name in disks}
+        # "chunk 3/40 of disk.img" in a network error's message
+        nth = {(p.disk, p.offset): i for i, p in enumerate(plans, 1)}
         try:
 
             def work(plan: ChunkPlan) -> tuple[ChunkPlan, ChunkDigests, ChunkMeta | None]:
-                done = one(plan)
+                with labelled(f"chunk {nth[(plan.disk, plan.offset)]}/{len(nth)} of {plan.disk}"):
+                    done = one(plan)
                 self.chunk_done(plan.length)
                 return done
 
