@@ -65,7 +65,7 @@ from barge.oci.types import (
     is_digest,
     media_type_of,
 )
-from barge.oci.uploads import Produced, Stored, run_upload
+from barge.oci.uploads import Produced, Stored, Upload
 from barge.untrusted import load_json
 
 __all__ = ["BlobReader", "RegistryClient"]
@@ -706,7 +706,7 @@ class RegistryClient:
         sent (negative when a restart undoes some); the deltas of a success sum to ``size``."""
         label = transfer_label.get()
         what = short_digest(digest) + (f" ({label})" if label else "")
-        run_upload(
+        Upload(
             self,
             repo,
             Stored(digest, size, open_at),
@@ -715,7 +715,7 @@ class RegistryClient:
             monolithic=chunk_size is None,
             key=f"blob:{digest}:{size}",
             progress=progress,
-        )
+        ).run()
 
     def upload_stream(
         self,
@@ -742,7 +742,7 @@ class RegistryClient:
         runs. ``progress(delta)`` as for :meth:`upload_blob`.
         """
         label = transfer_label.get()
-        return run_upload(
+        return Upload(
             self,
             repo,
             Produced(produce),
@@ -751,8 +751,7 @@ class RegistryClient:
             monolithic=False,
             key=f"stream:{resume_key}" if resume_key else None,
             progress=progress,
-            before_commit=before_commit,
-        )
+        ).run(before_commit)
 
     # -- manifests --------------------------------------------------------------------------
     def get_manifest(self, repo: str, reference: str) -> Manifest:

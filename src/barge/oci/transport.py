@@ -38,7 +38,7 @@ import os
 import ssl
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -122,12 +122,8 @@ def release(resp: urllib3.BaseHTTPResponse, *, drain: int = DRAIN_LIMIT) -> None
         resp.release_conn()
 
 
-def _broken_connection(e: BaseException) -> bool:
-    """The failure says only that the pooled connection was unusable, nothing about the server:
-    http.client refused to use it (a previous response on it was unfinished:
-    ``ResponseNotReady``/``CannotSendRequest``) or it was torn down under the request
-    (``ValueError: I/O operation on closed file``). Worth one immediate retry on a new
-    connection. Resets, refusals, timeouts and TLS failures are left to the caller's backoff."""
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and every exception it wraps (in ``args``, as cause or context), each once."""
     seen: set[int] = set()
     todo: list[BaseException] = [e]
     while todo:
@@ -135,12 +131,22 @@ def _broken_connection(e: BaseException) -> bool:
         if id(cur) in seen:
             continue
         seen.add(id(cur))
+        yield cur
+        todo.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
+        todo.extend(x for x in (cur.__cause__, cur.__context__) if x is not None)
+
+
+def _broken_connection(e: BaseException) -> bool:
+    """The failure says only that the pooled connection was unusable, nothing about the server:
+    http.client refused to use it (a previous response on it was unfinished:
+    ``ResponseNotReady``/``CannotSendRequest``) or it was torn down under the request
+    (``ValueError: I/O operation on closed file``). Worth one immediate retry on a new
+    connection. Resets, refusals, timeouts and TLS failures are left to the caller's backoff."""
+    for cur in _chain(e):
         if isinstance(cur, LocationValueError):
             return False
         if isinstance(cur, (http.client.ImproperConnectionState, ValueError)):
             return True
-        todo.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
-        todo.extend(x for x in (cur.__cause__, cur.__context__) if x is not None)
     return False
 
 
@@ -533,19 +539,12 @@ class Transport:
 
 
 def _is_verify_error(e: BaseException) -> bool:
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, ssl.SSLCertVerificationError):
-            return True
-        if "CERTIFICATE_VERIFY_FAILED" in str(cur) or "certificate verify failed" in str(cur):
-            return True
-        for a in getattr(cur, "args", ()):
-            if isinstance(a, BaseException) and _is_verify_error(a):
-                return True
-        cur = cur.__cause__ or cur.__context__
-    return False
+    return any(
+        isinstance(cur, ssl.SSLCertVerificationError)
+        or "CERTIFICATE_VERIFY_FAILED" in str(cur)
+        or "certificate verify failed" in str(cur)
+        for cur in _chain(e)
+    )
 
 
 def _reason(e: BaseException) -> str:
@@ -568,19 +567,11 @@ def _reason(e: BaseException) -> str:
 
 def timed_out(e: BaseException) -> bool:
     """Somewhere in ``e``'s chain a socket or urllib3 timeout."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [e]
-    while todo:
-        cur = todo.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
+    for cur in _chain(e):
         if isinstance(cur, (TimeoutError, Urllib3Timeout)):
             return not isinstance(cur, NewConnectionError)
         if isinstance(cur, ssl.SSLError) and "timed out" in str(cur):
             return True
-        todo.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
-        todo.extend(x for x in (cur.__cause__, cur.__context__) if x is not None)
     return False
 
 

@@ -42,7 +42,7 @@ from barge.oci.sessions import Claim
 if TYPE_CHECKING:
     from barge.oci.client import RegistryClient
 
-__all__ = ["Produced", "SessionLost", "Stored", "run_upload"]
+__all__ = ["Produced", "SessionLost", "Stored", "Upload"]
 
 log = logging.getLogger("barge.oci")
 
@@ -271,44 +271,21 @@ class Produced:
 Source = Stored | Produced
 
 
-def run_upload(
-    client: RegistryClient,
-    repo: str,
-    source: Source,
-    *,
-    what: str,
-    chunk: int | None,
-    monolithic: bool,
-    key: str | None,
-    progress: Callable[[int], None] | None,
-    before_commit: Callable[[str, int], None] | None = None,
-) -> tuple[str, int]:
-    """Upload ``source`` into ``repo``; returns its (digest, size). ``chunk``: PATCH body
-    size (None: one streamed PATCH); ``monolithic``: one PUT with the body (a
-    :class:`Stored` source only); ``key``: keep the session across runs under this key."""
-    budget = client._budget(what)
-    claim = client.sessions.claim(client.registry, repo, key) if key and not monolithic else None
-    try:
-        return _Upload(client, repo, source, what, chunk, monolithic, claim, budget, progress)(
-            before_commit
-        )
-    finally:
-        source.close()
-        if claim is not None:
-            claim.release()
+class Upload:
+    """One blob's upload into ``repo`` (:meth:`run`). ``chunk``: PATCH body size (None: one
+    streamed PATCH); ``monolithic``: one PUT with the body (a :class:`Stored` source only);
+    ``key``: keep the session across runs under this key."""
 
-
-class _Upload:
     def __init__(
         self,
         client: RegistryClient,
         repo: str,
         source: Source,
+        *,
         what: str,
         chunk: int | None,
         monolithic: bool,
-        claim: Claim | None,
-        budget: Budget,
+        key: str | None,
         progress: Callable[[int], None] | None,
     ) -> None:
         self.c = client
@@ -317,17 +294,30 @@ class _Upload:
         self.what = what
         self.chunk = chunk
         self.monolithic = monolithic
-        self.claim = claim
-        self.budget = budget
-        self.progress = _Progress(progress, budget)
+        self.key = key if not monolithic else None
+        self.claim: Claim | None = None
+        self.budget = client._budget(what)
+        self.progress = _Progress(progress, self.budget)
         self.location: str | None = None
         self.offset = 0
         self.piece = chunk
         self.resumed = False  # this session holds bytes an earlier attempt or run sent
         self.trust_resume = True  # False once a resumed session proved not to hold our bytes
 
+    def run(self, before_commit: Callable[[str, int], None] | None = None) -> tuple[str, int]:
+        """Upload; returns the blob's (digest, size). ``before_commit(digest, size)`` runs
+        before the closing PUT (a :class:`Produced` blob's digest is known only then)."""
+        if self.key is not None:
+            self.claim = self.c.sessions.claim(self.c.registry, self.repo, self.key)
+        try:
+            return self._loop(before_commit)
+        finally:
+            self.src.close()
+            if self.claim is not None:
+                self.claim.release()
+
     # -- the loop ----------------------------------------------------------------------------
-    def __call__(self, before_commit: Callable[[str, int], None] | None) -> tuple[str, int]:
+    def _loop(self, before_commit: Callable[[str, int], None] | None) -> tuple[str, int]:
         if self.claim is not None and self.claim.location:
             self._resume_saved(self.claim.location)
         while True:
