@@ -230,6 +230,8 @@ class Produced:
                 self._pos = offset
             else:
                 self._restart()
+        if self._pos < offset:
+            self._last = None  # what is skipped is not kept: the last piece is no longer last
         while self._pos < offset:  # produce and hash what the registry already holds
             if not self._fill():
                 raise SessionLost()  # the registry holds more than the blob has
@@ -346,7 +348,7 @@ class Upload:
                 raise e.error from None
             except SessionLost as e:
                 self._lost()
-                self.budget.retry(e.error or self._gone())
+                self.budget.retry(self._gone(e.error))
             except (RegistryUnreachable, RegistryResponseError) as e:
                 if closing and self._arrived():
                     return self._done()
@@ -385,9 +387,12 @@ class Upload:
             self.claim.clear()
         return self.src.digest(), size
 
-    def _gone(self) -> RegistryError:
-        return BlobUploadUnknown(
-            f"{self.c.registry}: upload {self.what}: the registry no longer knows the session",
+    def _gone(self, cause: RegistryError | None = None) -> RegistryError:
+        """The error for a lost session, should losing them use up the budget: a registry
+        failure (exit 7), not "not found"."""
+        said = f" ({cause.message})" if cause is not None else ""
+        return RegistryResponseError(
+            f"{self.c.registry}: upload {self.what}: the registry lost the upload session{said}",
             status=404,
         )
 
@@ -442,9 +447,12 @@ class Upload:
         except RegistryResponseError as e:
             raise SessionLost(e) from e
         if r.status == 404:
-            raise SessionLost(self._gone())
+            raise SessionLost()
         loc = r.headers.get("Location")
         offset = parse_range(r.headers.get("Range"))
+        size = self.src.size
+        if size is not None and offset > size:  # holds more than the blob has: not ours
+            raise SessionLost()
         if offset > 0:
             if not self.trust_resume:
                 raise SessionLost()
