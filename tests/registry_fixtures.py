@@ -491,7 +491,9 @@ class FaultRule:
     (forward, but move the request and response bodies at ``rate`` bytes per second),
     ``"stall"`` (forward, send the answer's head and ``keep`` bytes of its body, then send
     nothing more for ``hold`` seconds, or until the client hangs up, without closing),
-    ``"silent"`` (read the request, never answer; held like ``"stall"``), ``"chaos"`` (with
+    ``"silent"`` (read the request, never answer; held like ``"stall"``), ``"deaf"`` (read
+    the request's head only: its body is never read, so the client's sends block; no answer
+    for ``hold`` seconds), ``"chaos"`` (with
     probability ``chance``, one transient fault picked by the proxy's seeded generator:
     reset before or after forwarding, 503, 429 with ``Retry-After: 0``, a request body cut
     part-way, an answer body cut part-way; :attr:`FaultProxy.faults` counts them).
@@ -765,6 +767,10 @@ class FaultProxy:
         if rule and rule.action == "silent":
             self._hold(h.connection, rule.hold)
             h.close_connection = True
+            return
+        if rule and rule.action == "deaf":
+            self._stopping.wait(rule.hold)
+            self._reset(h)
             return
 
         if (

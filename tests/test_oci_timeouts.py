@@ -151,6 +151,21 @@ def test_silent_server_fails_fast_naming_what(
     assert "gave up after" in err
 
 
+def test_registry_not_taking_an_upload_is_a_stall(
+    registry: RunningRegistry, make_proxy: Callable[..., FaultProxy], barge_home: Path
+) -> None:
+    proxy = make_proxy(registry)
+    proxy.add(method="PATCH", path=UPLOADS, action="deaf", hold=20, times=None)
+    data = os.urandom(32 * MiB)  # far more than the socket buffers hold
+    # sends are bounded by the stall timeout, not by the (here long) connect timeout
+    c = client(proxy.host, barge_home, connect_timeout=60, stall_timeout=1, retry_timeout=2)
+    t = time.monotonic()
+    with pytest.raises(RegistryTimeout) as ei:
+        c.upload_blob("s/up", sha(data), len(data), opener(data), chunk_size=len(data))
+    assert time.monotonic() - t < 15
+    assert f"{proxy.host} took no data for 1 s while PATCH was sent" in str(ei.value)
+
+
 def test_stall_timeout_flag_overrides_env(
     registry: RunningRegistry, make_proxy: Callable[..., FaultProxy], barge_home: Path
 ) -> None:
@@ -276,7 +291,9 @@ def test_patch_429_retry_after_is_honoured_in_the_same_session(
     assert proxy.request_bytes("PATCH", UPLOADS) == len(data)
 
 
+@pytest.mark.parametrize("seed", [11])  # a schedule the fixed four-session rule failed
 def test_push_and_pull_survive_a_quarter_of_requests_failing(
+    seed: int,
     barge_home: Path,
     tmp_path: Path,
     registry: RunningRegistry,
@@ -287,7 +304,7 @@ def test_push_and_pull_survive_a_quarter_of_requests_failing(
         f.truncate(48 * MiB)
         f.write(os.urandom(40 * MiB))  # ten 4 MiB chunks
     create_vm(Store(), "vm", from_disk=disk)
-    proxy = make_proxy(registry, seed=10)
+    proxy = make_proxy(registry, seed=seed)
     proxy.add(action="chaos", chance=0.24, times=None)
     ref = f"{proxy.host}/chaos/vm:v1"
     one = ("--concurrency", "1", "-q")  # one request at a time: the seeded schedule repeats

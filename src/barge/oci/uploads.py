@@ -410,10 +410,21 @@ class Upload:
         size = self.src.size
         if size is None:
             return False
+        digest = self.src.digest()
         try:
-            return self.c.blob_exists(self.repo, self.src.digest()) == size
+            r = self.c._request(
+                "HEAD",
+                f"/v2/{self.repo}/blobs/{digest}",
+                scopes=self.c._pull(self.repo),
+                ok=(200,),
+                missing_ok=True,
+                kind="blob",
+                what=f"blob {self.repo}@{digest}",
+                budget=self.budget,
+            )
         except RegistryError:
             return False
+        return r.status == 200 and r.headers.get("Content-Length") == str(size)
 
     # -- session -----------------------------------------------------------------------------
     def _start(self) -> None:
