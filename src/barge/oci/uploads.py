@@ -226,7 +226,9 @@ class Produced:
             last = self._last
             if last is not None and last[0] <= offset:
                 start, data = last
-                self._pending = memoryview(bytes(data[offset - start :]) + bytes(self._pending))
+                # pending may already hold the tail of the last piece (an earlier step back)
+                after = self._pending[max(0, start + len(data) - self._pos) :]
+                self._pending = memoryview(bytes(data[offset - start :]) + bytes(after))
                 self._pos = offset
             else:
                 self._restart()
@@ -260,7 +262,9 @@ class Produced:
             self._restart()
         self._last = None
         while self._fill():
-            piece = bytes(self._pending)
+            view = self._pending
+            whole = view.obj if isinstance(view.obj, bytes) and len(view.obj) == len(view) else None
+            piece = whole if whole is not None else bytes(view)  # no copy of a whole piece
             self._pending = memoryview(b"")
             self._pos += len(piece)
             progress.sent(len(piece))
