@@ -363,10 +363,12 @@ class Transport:
             return https
         except SSLError as e:
             if not self.insecure and _is_verify_error(e):
-                raise RegistryUnreachable(
+                err = RegistryUnreachable(
                     f"cannot reach registry {self.registry}: TLS certificate not trusted ({_reason(e)})",
                     hint=f"put the registry's CA certificate in {_certs_dir(self.home, self.registry)}/ca.crt",
-                ) from None
+                )
+                err.retryable = False  # type: ignore[attr-defined] # retrying will not help
+                raise err from None
             if not timed_out(e):
                 log.debug("%s: HTTPS failed (%s); using plain HTTP", self.registry, _reason(e))
                 return http
