@@ -105,15 +105,23 @@ def test_pull_stalled_mid_body_fails_fast_naming_what(
     assert proxy.count("GET", re.escape(layer)) >= 2  # it did resume before giving up
 
 
+def stalling_blob(
+    registry: RunningRegistry, make_proxy: Callable[..., FaultProxy], repo: str
+) -> tuple[bytes, str, FaultProxy]:
+    """A 6 MiB blob behind a proxy whose every answer sends 1.5 MiB and then stalls: a slow
+    transfer that moves on with every attempt (reads are of 1 MiB: a stall loses the part of
+    a read not completed, which is fetched again)."""
+    data = os.urandom(6 * MiB)
+    d = put_blob(registry, repo, data)
+    proxy = make_proxy(registry)
+    proxy.add(method="GET", path=d, action="stall", keep=3 * MiB // 2, times=None)
+    return data, d, proxy
+
+
 def test_slow_but_moving_download_is_not_a_stall(
     registry: RunningRegistry, make_proxy: Callable[..., FaultProxy], barge_home: Path
 ) -> None:
-    data = os.urandom(6 * MiB)
-    d = put_blob(registry, "s/slow", data)
-    proxy = make_proxy(registry)
-    # every answer sends 1.5 MiB and then stalls: four stalls, each after progress (reads
-    # are of 1 MiB: a stall loses the part of a read not completed, which is fetched again)
-    proxy.add(method="GET", path=d, action="stall", keep=3 * MiB // 2, times=None)
+    data, d, proxy = stalling_blob(registry, make_proxy, "s/slow")
     c = client(proxy.host, barge_home, stall_timeout=0.5, retry_timeout=1.5)
     c.retry.attempts = 2
     t = time.monotonic()
@@ -185,10 +193,7 @@ def test_stall_timeout_flag_overrides_env(
 def test_operation_deadline(
     registry: RunningRegistry, make_proxy: Callable[..., FaultProxy], barge_home: Path
 ) -> None:
-    data = os.urandom(6 * MiB)
-    d = put_blob(registry, "s/deadline", data)
-    proxy = make_proxy(registry)
-    proxy.add(method="GET", path=d, action="stall", keep=3 * MiB // 2, times=None)
+    data, d, proxy = stalling_blob(registry, make_proxy, "s/deadline")
     c = client(proxy.host, barge_home, stall_timeout=0.5, timeout=1.2)
     t = time.monotonic()
     with pytest.raises(RegistryTimeout) as ei:
