@@ -7,11 +7,12 @@ demo: setup
 	bash scripts/demo.sh
 
 lint: setup
-	.venv/bin/ruff format --check src tests bench
-	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff format --check src tests bench scripts/build-guest.py
+	.venv/bin/ruff check src tests bench scripts/build-guest.py
 
 typecheck: setup
 	.venv/bin/mypy
+	.venv/bin/mypy --strict scripts/build-guest.py
 
 unit: setup
 	.venv/bin/pytest -q

@@ -2,7 +2,10 @@
 # Idempotent set-up for a fresh Debian 12 machine: system packages, then the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="docker-registry skopeo qemu-utils qemu-system-x86 ovmf openssh-client genisoimage"
+# The VMs and test guests (docs/vm.md, docs/guests.md): qemu-system-x86, ovmf and
+# openssh-client boot and reach them; genisoimage, dosfstools and mtools make NoCloud seeds and
+# the ESP; debootstrap, fdisk (sfdisk) and e2fsprogs (mke2fs -d) build the Debian test guest.
+PKGS="docker-registry skopeo qemu-utils qemu-system-x86 ovmf openssh-client genisoimage dosfstools mtools debootstrap fdisk e2fsprogs"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

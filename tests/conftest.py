@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-pytest_plugins = ["registry_fixtures"]
+pytest_plugins = ["registry_fixtures", "guests"]
 
 # Tests never assert timings (performance is measured by `make bench`): hypothesis' per-example
 # deadline only turns a loaded machine into a flaky failure.

@@ -1,0 +1,374 @@
+"""Real guests for tests: fixtures, a NoCloud seed builder and a plain-QEMU runner.
+
+Fixtures (session-scoped; see docs/guests.md):
+
+* ``tiny_guest``    Debian's kernel + a busybox/dropbear initramfs (scripts/build-guest.py tiny);
+                    never skips: a build failure is a test error
+* ``debian_guest``  a debootstrapped Debian 12 disk (scripts/build-guest.py debian); skips
+                    with a reason when it cannot be built within DEBIAN_BUILD_BOUND
+
+Helpers, independent of barge: :func:`build_guest`, :func:`make_seed` (a ``cidata`` volume,
+ISO9660 or vfat), :class:`Qemu` (qemu-system-x86_64 under TCG with a serial log, a QMP socket
+and a user-mode network forwarding a free loopback port to the guest's port 22),
+:func:`ssh_keypair`. Every QEMU is stopped by its PID; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUILDER = REPO / "scripts" / "build-guest.py"
+TINY_READY = "barge-tiny-guest: ready"
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# A cold build of the Debian guest (debootstrap) is bounded; a warm one returns at once.
+DEBIAN_BUILD_BOUND = float(os.environ.get("BARGE_DEBIAN_BUILD_BOUND", "900"))
+
+
+@dataclass(frozen=True)
+class Guest:
+    dir: Path
+    kernel: Path  # Debian's stock bzImage
+    initramfs: Path
+    cmdline: str
+    disk: Path | None
+    user: str
+    boot: str  # "kernel" | "uefi"
+    notes: dict[str, Any] = field(default_factory=dict)  # guest.json
+    # The same kernel uncompressed (ELF), booted by QEMU through its PVH entry point: under TCG
+    # that skips ~10 s of decompression. None where the kernel has no PVH entry.
+    kernel_pvh: Path | None = None
+
+
+def build_guest(kind: str, timeout: float = 900.0) -> Guest:
+    """Build (or find in the cache) a guest with scripts/build-guest.py."""
+    proc = subprocess.run(
+        [sys.executable, str(BUILDER), kind],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"build-guest.py {kind} failed ({proc.returncode}): {proc.stderr}")
+    d = Path(proc.stdout.strip().splitlines()[-1])
+    info = json.loads((d / "guest.json").read_text())
+    disk = d / info["disk"] if info.get("disk") else None
+    return Guest(
+        dir=d,
+        kernel=d / info["kernel"],
+        initramfs=d / info["initramfs"],
+        cmdline=(d / "cmdline").read_text().strip(),
+        disk=disk,
+        user=info["user"],
+        boot=info["boot"],
+        notes=info,
+        kernel_pvh=d / info["kernel_pvh"] if info.get("kernel_pvh") else None,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_guest() -> Guest:
+    return build_guest("tiny", timeout=600)
+
+
+@pytest.fixture(scope="session")
+def debian_guest() -> Guest:
+    try:
+        return build_guest("debian", timeout=DEBIAN_BUILD_BOUND)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"the Debian guest did not build within {DEBIAN_BUILD_BOUND:.0f} s")
+
+
+# -- seeds and keys ----------------------------------------------------------------------------
+
+
+def ssh_keypair(directory: Path) -> Path:
+    """A fresh ed25519 key pair; returns the private key's path (public: + '.pub')."""
+    key = directory / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "barge-test", "-f", str(key)],
+        check=True,
+    )
+    return key
+
+
+def make_seed(
+    path: Path,
+    *,
+    keys: Sequence[str],
+    hostname: str,
+    instance_id: str = "i-barge-test",
+    fs: str = "iso9660",
+    label: str = "cidata",
+    user: str | None = None,
+) -> Path:
+    """A NoCloud seed: meta-data and a #cloud-config user-data listing `keys` at top level and
+    (with `user`) under that default user, as barge writes it. ISO9660 (genisoimage, Joliet
+    and Rock Ridge) or vfat (mkfs.vfat + mcopy, no mount)."""
+    meta = f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n"
+    lines = ["#cloud-config", "ssh_authorized_keys:", *(f"  - {k}" for k in keys)]
+    if user:
+        lines += [
+            "users:",
+            "  - default",
+            f"  - name: {user}",
+            "    sudo: ALL=(ALL) NOPASSWD:ALL",
+            "    shell: /bin/bash",
+            "    ssh_authorized_keys:",
+            *(f"      - {k}" for k in keys),
+        ]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp)
+        (src / "meta-data").write_text(meta)
+        (src / "user-data").write_text("\n".join(lines) + "\n")
+        files = [str(src / "user-data"), str(src / "meta-data")]
+        path.unlink(missing_ok=True)
+        if fs == "iso9660":
+            subprocess.run(
+                ["genisoimage", "-quiet", "-o", str(path), "-V", label, "-J", "-r", *files],
+                check=True,
+            )
+        elif fs == "vfat":
+            subprocess.run(
+                ["mkfs.vfat", "-C", "-n", label, str(path), "1024"], check=True, capture_output=True
+            )
+            subprocess.run(["mcopy", "-i", str(path), *files, "::"], check=True)
+        else:
+            raise ValueError(f"unknown seed filesystem {fs}")
+    return path
+
+
+# -- QEMU ---------------------------------------------------------------------------------------
+
+
+class Qemu:
+    """qemu-system-x86_64 under TCG, headless: serial to a file, QMP on a unix socket, user-mode
+    network with 127.0.0.1:<free port> forwarded to the guest's port 22."""
+
+    def __init__(self, workdir: Path, args: Sequence[str], memory: int = 256, cpus: int = 1):
+        self.workdir = workdir
+        self.serial = workdir / "serial.log"
+        # unix socket paths are short (108 bytes): keep the socket in a short private dir
+        self._sockdir = tempfile.mkdtemp(prefix="bq-")
+        self.qmp_path = Path(self._sockdir) / "qmp"
+        self.cmd = [
+            "qemu-system-x86_64",
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            str(cpus),
+            "-m",
+            str(memory),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            f"file:{self.serial}",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+            "-netdev",
+            "user,id=n0,hostfwd=tcp:127.0.0.1:0-:22",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+            *args,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.port = 0
+        self._qmp: socket.socket | None = None
+        self._qmp_buf = b""
+
+    def start(self) -> Qemu:
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=open(self.workdir / "qemu.out", "wb"),  # noqa: SIM115 - closed with the child
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while not self.qmp_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU did not start: {self.output()}")
+            time.sleep(0.02)
+        self._qmp = socket.socket(socket.AF_UNIX)
+        self._qmp.settimeout(10)
+        self._qmp.connect(str(self.qmp_path))
+        self._qmp_read()  # greeting
+        self.qmp("qmp_capabilities")
+        usernet = self.qmp("human-monitor-command", {"command-line": "info usernet"})
+        m = re.search(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)", usernet)
+        if not m:
+            raise RuntimeError(f"no host forward in `info usernet`: {usernet!r}")
+        self.port = int(m.group(1))
+        return self
+
+    def output(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.workdir / "qemu.out").read_text(errors="replace")
+        return ""
+
+    def _qmp_read(self) -> dict[str, Any]:
+        assert self._qmp is not None
+        while True:
+            while b"\n" not in self._qmp_buf:
+                chunk = self._qmp.recv(65536)
+                if not chunk:
+                    raise ConnectionError("QMP closed")
+                self._qmp_buf += chunk
+            line, self._qmp_buf = self._qmp_buf.split(b"\n", 1)
+            msg: dict[str, Any] = json.loads(line)
+            if "event" not in msg:
+                return msg
+
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        assert self._qmp is not None
+        req: dict[str, Any] = {"execute": command}
+        if arguments:
+            req["arguments"] = arguments
+        self._qmp.sendall(json.dumps(req).encode() + b"\n")
+        reply = self._qmp_read()
+        if "error" in reply:
+            raise RuntimeError(f"QMP {command}: {reply['error']}")
+        return reply.get("return")
+
+    def serial_text(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.serial.read_text(errors="replace")
+        return ""
+
+    def wait_serial(self, text: str, timeout: float) -> float:
+        """Seconds from start until `text` appears on the serial console."""
+        deadline = time.monotonic() + timeout
+        while text not in self.serial_text():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"QEMU exited before {text!r}: {self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"no {text!r} on the serial console in {timeout} s: {self.tail()}"
+                )
+            time.sleep(0.05)
+        return time.monotonic() - self.started
+
+    def tail(self, lines: int = 25) -> str:
+        return "\n".join(self.serial_text().splitlines()[-lines:]) + "\n" + self.output()
+
+    def ssh_cmd(self, key: Path, user: str, command: str) -> list[str]:
+        return [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+            str(key),
+            "-p",
+            str(self.port),
+            f"{user}@127.0.0.1",
+            command,
+        ]
+
+    def ssh(
+        self, key: Path, user: str, command: str, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.ssh_cmd(key, user, command), capture_output=True, text=True, timeout=timeout
+        )
+
+    def wait_ssh(self, key: Path, user: str, timeout: float) -> float:
+        """Seconds from start until `ssh true` succeeds."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"QEMU exited before sshd answered: {self.tail()}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                last = self.ssh(key, user, "true", timeout=15)
+                if last.returncode == 0:
+                    return time.monotonic() - self.started
+            time.sleep(0.2)
+        raise AssertionError(f"sshd did not answer in {timeout} s ({last}): {self.tail()}")
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Stop QEMU by its PID (terminate, then kill), close QMP, remove the socket dir."""
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        shutil.rmtree(self._sockdir, ignore_errors=True)
+
+    def __enter__(self) -> Qemu:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def kernel_boot_args(guest: Guest, cmdline_extra: str = "", pvh: bool = True) -> list[str]:
+    """Direct kernel boot of `guest` (its kernel, initramfs and cmdline); `pvh`: the
+    uncompressed kernel where the guest has one."""
+    kernel = guest.kernel_pvh if pvh and guest.kernel_pvh else guest.kernel
+    cmdline = f"{guest.cmdline} {cmdline_extra}".strip()
+    return ["-kernel", str(kernel), "-initrd", str(guest.initramfs), "-append", cmdline]
+
+
+def uefi_args(workdir: Path) -> list[str]:
+    """OVMF with a per-VM copy of the variable store."""
+    vars_copy = workdir / "OVMF_VARS.fd"
+    shutil.copyfile(OVMF_VARS, vars_copy)
+    return [
+        "-drive",
+        f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive",
+        f"if=pflash,format=raw,unit=1,file={vars_copy}",
+    ]
+
+
+@contextlib.contextmanager
+def running(workdir: Path, args: Sequence[str], **kw: Any) -> Iterator[Qemu]:
+    vm = Qemu(workdir, args, **kw)
+    try:
+        yield vm.start()
+    finally:
+        vm.stop()
