@@ -28,9 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ARCH = "amd64"
 MULTIARCH = "x86_64-linux-gnu"
@@ -666,12 +667,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "barge" / "guests"
 
 
-def builder_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+def builder_sources(kind: str) -> list[Path]:
+    """The files whose code decides what a build of `kind` produces."""
+    here = Path(__file__).resolve()
+    return [here] + ([here.with_name("guest_debian.py")] if kind == "debian" else [])
+
+
+def builder_hash(kind: str) -> str:
+    h = hashlib.sha256()
+    for src in builder_sources(kind):
+        h.update(hashlib.sha256(src.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def cache_key(kind: str, pkgs: list[Package]) -> str:
-    h = hashlib.sha256(f"{builder_hash()}\n{kind}\n".encode())
+    h = hashlib.sha256(f"{builder_hash(kind)}\n{kind}\n".encode())
     for p in sorted(pkgs, key=lambda p: p.name):
         h.update(f"{p.name}={p.version}\n".encode())
     return h.hexdigest()[:16]
@@ -699,7 +709,7 @@ def plan(kind: str) -> list[Package]:
     fingerprint = apt_fingerprint()
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         data = json.loads(saved.read_text())
-        if data["fingerprint"] == fingerprint and data["builder"] == builder_hash():
+        if data["fingerprint"] == fingerprint and data["builder"] == builder_hash(kind):
             return [Package(n, v) for n, v in data["packages"]]
     pkgs = PLANS[kind]()
     saved.parent.mkdir(parents=True, exist_ok=True)
@@ -708,7 +718,7 @@ def plan(kind: str) -> list[Package]:
         json.dumps(
             {
                 "fingerprint": fingerprint,
-                "builder": builder_hash(),
+                "builder": builder_hash(kind),
                 "packages": [[p.name, p.version] for p in pkgs],
             }
         )
@@ -739,8 +749,51 @@ def build_lock(root: Path, name: str) -> Iterator[None]:
         yield
 
 
-PLANS = {"tiny": tiny_plan}
-BUILDERS = {"tiny": build_tiny}
+def debian_module() -> Any:
+    """scripts/guest_debian.py: the Debian guest's builder (kept apart so that working on it
+    does not change the tiny guest's cache key)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import guest_debian
+
+    return guest_debian
+
+
+PLANS: dict[str, Callable[[], list[Package]]] = {
+    "tiny": tiny_plan,
+    "debian": lambda: debian_module().plan(sys.modules[__name__]),
+}
+BUILDERS: dict[str, Callable[[list[Package], Path, Path], dict[str, object]]] = {
+    "tiny": build_tiny,
+    "debian": lambda pkgs, work, out: debian_module().build(sys.modules[__name__], pkgs, work, out),
+}
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, deepest first (from /proc/self/mountinfo)."""
+    prefix = str(path.resolve())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def unmount_under(path: Path) -> None:
+    """Undo every mount below `path` (debootstrap's proc/sys/dev in a chroot)."""
+    for point in mounts_under(path):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    left = mounts_under(path)
+    if left:
+        raise BuildError(f"still mounted under {path}: {left}")
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that never descends into a mount (a killed chroot build leaves some)."""
+    if path.exists():
+        unmount_under(path)
+        shutil.rmtree(path)
 
 
 def build(kind: str, force: bool = False) -> Path:
@@ -754,12 +807,13 @@ def build(kind: str, force: bool = False) -> Path:
         if final.is_dir() and not force:  # another process built it while we waited
             return final
         for stale in root.glob(f".tmp-{kind}-*"):  # left by a killed build; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_tree(stale)
         start = time.monotonic()
         log(f"building {kind} guest {key} in {root}")
-        with tempfile.TemporaryDirectory(prefix=f".tmp-{kind}-", dir=root) as tmp:
-            work = Path(tmp) / "work"
-            out = Path(tmp) / "out"
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{kind}-", dir=root))
+        try:
+            work = tmp / "work"
+            out = tmp / "out"
             work.mkdir()
             out.mkdir()
             info = BUILDERS[kind](pkgs, work, out)
@@ -768,11 +822,25 @@ def build(kind: str, force: bool = False) -> Path:
             info["build_seconds"] = round(time.monotonic() - start, 1)
             (out / "guest.json").write_text(json.dumps(info, indent=2) + "\n")
             fsync_tree(out)
-            if final.exists():  # --force: replace the old one
-                shutil.rmtree(final)
+            if final.exists():  # --force: move the old one aside, then swap in the new one
+                os.rename(final, tmp / "old")
             os.rename(out, final)
+        finally:
+            remove_tree(tmp)
         log(f"built {final.name} in {time.monotonic() - start:.1f} s")
     return final
+
+
+def prune(kind: str) -> list[Path]:
+    """Remove the cached guests of `kind` other than the current one."""
+    keep = cache_root() / f"{kind}-{cache_key(kind, plan(kind))}"
+    gone = []
+    with build_lock(cache_root(), kind):
+        for d in sorted(cache_root().glob(f"{kind}-*")):
+            if d.is_dir() and d != keep:
+                remove_tree(d)
+                gone.append(d)
+    return gone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -784,8 +852,14 @@ def main(argv: list[str] | None = None) -> int:
         help="print the cached guest's directory without building; exit 3 if it is not built",
     )
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ap.add_argument(
+        "--prune", action="store_true", help="remove the other cached guests of this kind"
+    )
     args = ap.parse_args(argv)
     try:
+        if args.prune:
+            for d in prune(args.kind):
+                log(f"removed {d}")
         if args.print_dir:
             path = cache_root() / f"{args.kind}-{cache_key(args.kind, plan(args.kind))}"
             print(path)
