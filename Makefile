@@ -7,12 +7,12 @@ demo: setup
 	bash scripts/demo.sh
 
 lint: setup
-	.venv/bin/ruff format --check src tests bench scripts/build-guest.py
-	.venv/bin/ruff check src tests bench scripts/build-guest.py
+	.venv/bin/ruff format --check src tests bench scripts/build-guest.py scripts/guest_debian.py
+	.venv/bin/ruff check src tests bench scripts/build-guest.py scripts/guest_debian.py
 
 typecheck: setup
 	.venv/bin/mypy
-	.venv/bin/mypy --strict scripts/build-guest.py
+	.venv/bin/mypy --strict scripts/build-guest.py scripts/guest_debian.py
 
 unit: setup
 	.venv/bin/pytest -q

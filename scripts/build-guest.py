@@ -23,6 +23,7 @@ import lzma
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -840,6 +841,11 @@ def prune(kind: str) -> list[Path]:
             if d.is_dir() and d != keep:
                 remove_tree(d)
                 gone.append(d)
+        if kind == "debian":
+            debs = cache_root() / debian_module().DEB_CACHE
+            if debs.exists():
+                remove_tree(debs)
+                gone.append(debs)
     return gone
 
 
@@ -856,6 +862,11 @@ def main(argv: list[str] | None = None) -> int:
         "--prune", action="store_true", help="remove the other cached guests of this kind"
     )
     args = ap.parse_args(argv)
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the clean-up (unmounts, temp dirs)
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         if args.prune:
             for d in prune(args.kind):

@@ -37,7 +37,8 @@ BUILDER = REPO / "scripts" / "build-guest.py"
 TINY_READY = "barge-tiny-guest: ready"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-# A cold build of the Debian guest (debootstrap) is bounded; a warm one returns at once.
+# A cold build of the Debian guest (debootstrap) is bounded, counted from the start of the
+# session (it builds in the background while other tests run); a warm one returns at once.
 DEBIAN_BUILD_BOUND = float(os.environ.get("BARGE_DEBIAN_BUILD_BOUND", "900"))
 
 
@@ -56,30 +57,98 @@ class Guest:
     kernel_pvh: Path | None = None
 
 
-def build_guest(kind: str, timeout: float = 900.0) -> Guest:
-    """Build (or find in the cache) a guest with scripts/build-guest.py."""
-    proc = subprocess.run(
-        [sys.executable, str(BUILDER), kind],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"build-guest.py {kind} failed ({proc.returncode}): {proc.stderr}")
-    d = Path(proc.stdout.strip().splitlines()[-1])
+class GuestBuild:
+    """scripts/build-guest.py KIND running in the background: started as soon as the session's
+    tests are collected (a cold Debian build then overlaps the tests that run before it), waited
+    for by the fixture. A warm cache answers in well under a second."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.started = time.monotonic()
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BUILDER), kind],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,  # only the directory is printed there
+            stderr=self.stderr,
+            text=True,
+        )
+
+    def result(self, bound: float) -> Guest:
+        """The guest, once built; TimeoutExpired (the build stopped) after `bound` seconds from
+        the start of the build."""
+        try:
+            out, _ = self.proc.communicate(timeout=max(1.0, self.started + bound - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        if self.proc.returncode != 0:
+            self.stderr.seek(0)
+            err = self.stderr.read().decode(errors="replace")
+            raise RuntimeError(f"build-guest.py {self.kind} failed ({self.proc.returncode}): {err}")
+        return load_guest(Path(out.strip().splitlines()[-1]))
+
+    def stop(self) -> None:
+        """SIGTERM (the builder unwinds: unmounts, removes its temp dir), then SIGKILL."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.stderr.close()
+
+
+_builds: dict[str, GuestBuild] = {}
+
+
+def start_build(kind: str) -> GuestBuild:
+    if kind not in _builds:
+        _builds[kind] = GuestBuild(kind)
+    return _builds[kind]
+
+
+def load_guest(d: Path) -> Guest:
     info = json.loads((d / "guest.json").read_text())
-    disk = d / info["disk"] if info.get("disk") else None
     return Guest(
         dir=d,
         kernel=d / info["kernel"],
         initramfs=d / info["initramfs"],
         cmdline=(d / "cmdline").read_text().strip(),
-        disk=disk,
+        disk=d / info["disk"] if info.get("disk") else None,
         user=info["user"],
         boot=info["boot"],
         notes=info,
         kernel_pvh=d / info["kernel_pvh"] if info.get("kernel_pvh") else None,
     )
+
+
+def build_guest(kind: str, timeout: float = 900.0) -> Guest:
+    """Build (or find in the cache) a guest with scripts/build-guest.py."""
+    return start_build(kind).result(timeout)
+
+
+FIXTURE_KINDS = {"tiny_guest": "tiny", "debian_guest": "debian"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The Debian guest's tests run last, so that its build overlaps everything else.
+    items.sort(key=lambda item: item.get_closest_marker("debian_guest") is not None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    wanted = {f for item in session.items for f in getattr(item, "fixturenames", ())}
+    for fixture, kind in FIXTURE_KINDS.items():
+        if fixture in wanted:
+            start_build(kind)
+
+
+def pytest_sessionfinish() -> None:
+    for build in _builds.values():
+        build.stop()
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +161,10 @@ def debian_guest() -> Guest:
     try:
         return build_guest("debian", timeout=DEBIAN_BUILD_BOUND)
     except subprocess.TimeoutExpired:
-        pytest.skip(f"the Debian guest did not build within {DEBIAN_BUILD_BOUND:.0f} s")
+        pytest.skip(
+            f"the Debian guest did not build within {DEBIAN_BUILD_BOUND:.0f} s "
+            "(BARGE_DEBIAN_BUILD_BOUND)"
+        )
 
 
 # -- seeds and keys ----------------------------------------------------------------------------
@@ -319,6 +391,13 @@ class Qemu:
                     return time.monotonic() - self.started
             time.sleep(0.2)
         raise AssertionError(f"sshd did not answer in {timeout} s ({last}): {self.tail()}")
+
+    def cpu_seconds(self) -> float:
+        """CPU time QEMU has used so far (user + system, all threads): what a boot costs on an
+        idle host, whatever the load on this one."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None

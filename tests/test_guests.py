@@ -26,7 +26,7 @@ from guests import (
     ssh_keypair,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(600)
 
 
 def builder_module() -> ModuleType:
@@ -145,8 +145,9 @@ def test_tiny_guest_iso_seed_on_cdrom_ssh_and_acpi_powerdown(
     seed = make_seed(tmp_path / "seed.iso", keys=[pubkey(key)], hostname="tiny-iso", fs="iso9660")
     args = [*kernel_boot_args(tiny_guest), "-drive", f"file={seed},media=cdrom,readonly=on"]
     with running(tmp_path, args) as vm:
-        t_ready = vm.wait_serial(TINY_READY, 90)
-        t_ssh = vm.wait_ssh(key, "root", 30)
+        t_ready = vm.wait_serial(TINY_READY, 240)
+        t_ssh = vm.wait_ssh(key, "root", 60)
+        cpu = vm.cpu_seconds()
         r = vm.ssh(key, "root", "hostname; id -u; echo to-stderr >&2; exit 7")
         assert (r.returncode, r.stdout, r.stderr) == (7, "tiny-iso\n0\n", "to-stderr\n")
         r = vm.ssh(key, "root", "cat /proc/cmdline; grep -c . /root/.ssh/authorized_keys")
@@ -159,8 +160,8 @@ def test_tiny_guest_iso_seed_on_cdrom_ssh_and_acpi_powerdown(
         t_off = time.monotonic() - t0
         assert "barge-tiny-guest: powering off" in vm.serial_text()
     print(
-        f"\ntiny guest (PVH kernel, TCG): ready {t_ready:.1f} s, ssh {t_ssh:.1f} s, "
-        f"power-down {t_off:.1f} s"
+        f"\ntiny guest (PVH kernel, TCG): ready {t_ready:.1f} s, ssh {t_ssh:.1f} s "
+        f"({cpu:.1f} CPU s, load {os.getloadavg()[0]:.1f}), power-down {t_off:.1f} s"
     )
 
 
@@ -183,15 +184,19 @@ def test_tiny_guest_stock_kernel_vfat_seed_data_disk_and_poweroff(
         f"file={data},if=virtio,format=raw,discard=unmap",
     ]
     with running(tmp_path, args) as vm:
-        t_ready = vm.wait_serial(TINY_READY, 120)
-        t_ssh = vm.wait_ssh(key, "root", 30)
+        t_ready = vm.wait_serial(TINY_READY, 300)
+        t_ssh = vm.wait_ssh(key, "root", 60)
+        cpu = vm.cpu_seconds()
         r = vm.ssh(key, "root", "hostname; ls /dev/vd*; printf barge-data | dd of=/dev/vdb")
         assert r.returncode == 0, r
         assert r.stdout.split() == ["tiny-vfat", "/dev/vda", "/dev/vdb"]
         subprocess.run(vm.ssh_cmd(key, "root", "poweroff"), capture_output=True, timeout=30)
         assert vm.wait_exit(30) == 0
     assert data.read_bytes()[:10] == b"barge-data"
-    print(f"\ntiny guest (stock bzImage, TCG): ready {t_ready:.1f} s, ssh {t_ssh:.1f} s")
+    print(
+        f"\ntiny guest (stock bzImage, TCG): ready {t_ready:.1f} s, ssh {t_ssh:.1f} s "
+        f"({cpu:.1f} CPU s, load {os.getloadavg()[0]:.1f})"
+    )
 
 
 # -- the builder's cache -------------------------------------------------------------------------
@@ -228,11 +233,12 @@ def test_cached_guest_is_found_without_apt(tiny_guest: Guest, tmp_path: Path) ->
 
 
 def test_killed_build_leaves_no_guest(tmp_path: Path) -> None:
-    """SIGKILL mid-build: no guest directory appears; the next build clears the leftovers."""
+    """SIGKILL mid-build: no guest directory appears; the next build clears the leftovers.
+    SIGTERM: the builder cleans up after itself and exits 130."""
     cache = tmp_path / "cache"
     env = {**os.environ, "BARGE_GUEST_CACHE": str(cache)}
 
-    def start_and_kill(old: list[Path]) -> None:
+    def start_and_kill(old: list[Path], sig: int = signal.SIGKILL) -> int:
         proc = subprocess.Popen(
             [sys.executable, str(BUILDER), "tiny"],
             env=env,
@@ -243,8 +249,8 @@ def test_killed_build_leaves_no_guest(tmp_path: Path) -> None:
         while not [p for p in cache.glob(".tmp-tiny-*/work") if p.parent not in old]:
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        proc.send_signal(sig)
+        return proc.wait(timeout=30)
 
     start_and_kill([])
     first = list(cache.glob(".tmp-tiny-*"))
@@ -254,6 +260,9 @@ def test_killed_build_leaves_no_guest(tmp_path: Path) -> None:
     start_and_kill(first)
     assert not first[0].exists()  # the second build removed the first one's leftovers
     assert not list(cache.glob("tiny-*"))
+    second = list(cache.glob(".tmp-tiny-*"))
+    assert start_and_kill(second, signal.SIGTERM) == 130
+    assert not list(cache.glob(".tmp-tiny-*")) and not list(cache.glob("tiny-*"))
     shutil.rmtree(cache)
 
 
