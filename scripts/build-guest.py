@@ -146,11 +146,14 @@ def download(pkgs: Iterable[Package], dest: Path) -> dict[str, Path]:
     """`apt-get download` exact versions into dest; returns name -> .deb path."""
     pkgs = sorted(pkgs, key=lambda p: p.name)
     dest.mkdir(parents=True, exist_ok=True)
-    run(
-        ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root"]
-        + [f"{p.name}={p.version}" for p in pkgs],
-        cwd=dest,
-    )
+    try:
+        run(
+            ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root"]
+            + [f"{p.name}={p.version}" for p in pkgs],
+            cwd=dest,
+        )
+    except BuildError as e:
+        raise BuildError(f"{e} (apt's lists may be stale: run `apt-get update`)") from e
     debs: dict[str, Path] = {}
     for deb in dest.glob("*.deb"):
         debs[deb.name.split("_", 1)[0]] = deb
