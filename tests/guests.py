@@ -90,14 +90,19 @@ class GuestBuild:
 
     def stop(self) -> None:
         """SIGTERM (the builder unwinds: unmounts, removes its temp dir), then SIGKILL."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, grace=60)
         self.stderr.close()
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float) -> None:
+    """Stop a child by its PID: SIGTERM, `grace` seconds, SIGKILL; every wait bounded."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 _builds: dict[str, GuestBuild] = {}
@@ -408,13 +413,8 @@ class Qemu:
         if self._qmp is not None:
             self._qmp.close()
             self._qmp = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            stop_process(self.proc, grace=5)
         shutil.rmtree(self._sockdir, ignore_errors=True)
 
     def __enter__(self) -> Qemu:
