@@ -40,6 +40,17 @@ def run(*args: str, env: dict[str, str], ok: tuple[int, ...] = (0,)) -> str:
     return proc.stdout
 
 
+def tiny_guest() -> Path:
+    """The tiny test guest, built once from Debian packages and cached (scripts/build-guest.py)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build-guest.py"), "tiny"],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     if DEMO.exists():
         shutil.rmtree(DEMO)
@@ -66,6 +77,7 @@ def main() -> None:
     print(f"{disk}: {st.st_size >> 20} MiB, {st.st_blocks * 512 >> 20} MiB allocated")
 
     regs: list[RunningRegistry] = []
+    running: list[str] = []
     try:
         step("start two throwaway registries on loopback")
         a = start_registry(DEMO / "registry-a")
@@ -130,11 +142,48 @@ def main() -> None:
         run("import", str(archive), "imported", env=env)
         run("list", env=env)
 
+        step("a real guest: push it, pull it back, run it, exec in it, stop it")
+        guest = tiny_guest()
+        kernel = guest / ("vmlinux" if (guest / "vmlinux").exists() else "vmlinuz")
+        print(f"the tiny test guest (Debian's kernel + busybox/dropbear, docs/guests.md): {guest}")
+        run(
+            "create",
+            "guest",
+            "--kernel",
+            str(kernel),
+            "--initramfs",
+            str(guest / "initramfs.img"),
+            "--cmdline",
+            (guest / "cmdline").read_text().strip(),
+            "--disk-size",
+            "64M",
+            "--cpus",
+            "1",
+            "--memory",
+            "256M",
+            env=env,
+        )
+        gref = f"{a.host}/demo/guest:v1"
+        run("push", "guest", gref, env=env)
+        run("delete", "guest", env=env)
+        run("pull", gref, env=env)
+        run("clone", gref, "guest", env=env)
+        running.append("guest")
+        run("run", "guest", "--detach", env=env)
+        run("exec", "guest", "--wait", "150", "uname", "-sr", env=env)
+        run("exec", "guest", "sh", "-c", "hostname; ls /dev/vd*; exit 3", env=env, ok=(3,))
+        run("ip", "guest", env=env)
+        run("stop", "guest", env=env)
+        running.remove("guest")
+        run("list", env=env)
+
         step("clean up: delete cached image, prune")
         run("delete", f"{ref}:v1", "from-registry", "from-tart", "imported", env=env)
         run("prune", env=env)
         run("list", env=env)
     finally:
+        for name in running:  # a VM the demo started and did not get to stop
+            subprocess.run([BARGE, "stop", name, "--timeout", "10"], env=env, check=False)
         pids = [str(r.pid) for r in regs]
         for r in regs:
             r.stop()
