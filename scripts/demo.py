@@ -132,7 +132,16 @@ def main() -> None:
         run("pull", f"{ref}:multi", "--platform", "linux/arm64", env=env)
 
         step("Tart's format: push, pull back, re-push without uploading")
-        run("push", "demo", f"{a.host}/tart/vm:v1", "--format", "tart", env=env)
+        # no Tart-made nvram.bin here: a placeholder (Tart refuses a zero one until replaced)
+        run(
+            "push",
+            "demo",
+            f"{a.host}/tart/vm:v1",
+            "--format",
+            "tart",
+            "--placeholder-nvram",
+            env=env,
+        )
         run("clone", f"{a.host}/tart/vm:v1", "from-tart", env=env)
         run("push", "from-tart", f"{a.host}/tart/vm:v2", "--format", "tart", env=env)
 
@@ -170,7 +179,7 @@ def main() -> None:
         run("clone", gref, "guest", env=env)
         running.append("guest")
         run("run", "guest", "--detach", env=env)
-        run("exec", "guest", "--wait", "150", "uname", "-sr", env=env)
+        run("exec", "--wait", "150", "guest", "uname", "-sr", env=env)
         run("exec", "guest", "sh", "-c", "hostname; ls /dev/vd*; exit 3", env=env, ok=(3,))
         run("ip", "guest", env=env)
         run("stop", "guest", env=env)
