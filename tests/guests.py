@@ -78,7 +78,9 @@ class GuestBuild:
         """The guest, once built; TimeoutExpired (the build stopped) after `bound` seconds from
         the start of the build."""
         try:
-            out, _ = self.proc.communicate(timeout=max(1.0, self.started + bound - time.monotonic()))
+            out, _ = self.proc.communicate(
+                timeout=max(1.0, self.started + bound - time.monotonic())
+            )
         except subprocess.TimeoutExpired:
             self.stop()
             raise
@@ -351,7 +353,7 @@ class Qemu:
     def tail(self, lines: int = 25) -> str:
         return "\n".join(self.serial_text().splitlines()[-lines:]) + "\n" + self.output()
 
-    def ssh_cmd(self, key: Path, user: str, command: str) -> list[str]:
+    def ssh_cmd(self, key: Path, user: str, command: str, connect_timeout: float = 5) -> list[str]:
         return [
             "ssh",
             "-F",
@@ -365,7 +367,7 @@ class Qemu:
             "-o",
             "IdentitiesOnly=yes",
             "-o",
-            "ConnectTimeout=5",
+            f"ConnectTimeout={connect_timeout:.0f}",
             "-o",
             "LogLevel=ERROR",
             "-i",
@@ -379,8 +381,14 @@ class Qemu:
     def ssh(
         self, key: Path, user: str, command: str, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
+        # ConnectTimeout bounds the banner exchange too: a guest on a loaded host's TCG can take
+        # longer than the readiness probe's 5 s to answer a second connection
+        connect = max(5.0, min(30.0, timeout / 2))
         return subprocess.run(
-            self.ssh_cmd(key, user, command), capture_output=True, text=True, timeout=timeout
+            self.ssh_cmd(key, user, command, connect),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def wait_ssh(self, key: Path, user: str, timeout: float) -> float:
