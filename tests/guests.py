@@ -291,9 +291,18 @@ class Qemu:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"QEMU did not start: {self.output()}")
             time.sleep(0.02)
-        self._qmp = socket.socket(socket.AF_UNIX)
-        self._qmp.settimeout(10)
-        self._qmp.connect(str(self.qmp_path))
+        # the socket file exists from bind(), a moment before QEMU listens on it
+        while True:
+            self._qmp = socket.socket(socket.AF_UNIX)
+            self._qmp.settimeout(10)
+            try:
+                self._qmp.connect(str(self.qmp_path))
+                break
+            except ConnectionRefusedError:
+                self._qmp.close()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"QEMU did not start: {self.output()}") from None
+                time.sleep(0.02)
         self._qmp_read()  # greeting
         self.qmp("qmp_capabilities")
         usernet = self.qmp("human-monitor-command", {"command-line": "info usernet"})
