@@ -49,6 +49,7 @@ from barge.disk.index import ChunkMeta, FrameIndex
 from barge.disk.sparse import allocated_bytes, can_reflink, clone_file, data_extents
 from barge.endpoints import End, LayoutEnd, RegistryEnd, parse_location
 from barge.errors import (
+    BusyError,
     IntegrityError,
     Interrupted,
     NoSpaceError,
@@ -66,7 +67,7 @@ from barge.progress import NullReporter, Reporter
 from barge.store import Disk, Store, VMConfig
 from barge.store.catalog import ChunkRow
 from barge.store.space import NotEnoughSpace, is_no_space
-from barge.store.store import fsync_tree
+from barge.store.store import VMLock, fsync_tree
 from barge.store.vmconfig import FROM_OCI_ARCH, random_mac
 from barge.units import format_size
 from barge.untrusted import load_json
@@ -166,6 +167,8 @@ class Puller:
         self._kept_at_start = 0  # verified frame bytes the staging held before fetching
         self._starts_over = False  # a re-run would not resume this pull's staging directory
         self._resumed = False  # this run resumes a staging directory an earlier one left
+        self._base_lease: str | None = None  # the base image's lease, held to the end
+        self._base_lock: VMLock | None = None  # and its image lock (shared, as a clone's)
 
     def note(self, msg: str) -> None:
         self.notes.append(msg)
@@ -174,6 +177,10 @@ class Puller:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        if self._base_lock is not None:
+            self._base_lock.release()
+        if self._base_lease is not None:
+            self.store.catalog.release_lease(self._base_lease)
 
     def _count(self, **kw: int) -> None:
         with self._lock:
@@ -468,7 +475,7 @@ class Puller:
                         want[(d.name, c.offset + f.uoffset)] = f.digest
         if not want:
             return None, None
-        best: tuple[int, Path, FrameIndex] | None = None
+        ranked: list[tuple[int, str, Path, FrameIndex]] = []
         same_repo = {
             r.digest
             for r in self.store.catalog.refs()
@@ -488,12 +495,30 @@ class Puller:
                             score += f.usize
             if score == 0:
                 continue
-            key = score + (1 if img.digest in same_repo else 0)
-            if best is None or key > best[0]:
-                best = (key, p, other)
-        if best is None:
-            return None, None
-        return best[1], best[2]
+            ranked.append((score + (1 if img.digest in same_repo else 0), img.digest, p, other))
+        ranked.sort(key=lambda r: -r[0])
+        for _key, digest, p, other in ranked:
+            if self._hold_base(digest, p):
+                return p, other
+        return None, None
+
+    def _hold_base(self, digest: str, path: Path) -> bool:
+        """Keep the cached image ``digest`` from GC until this pull ends: a lease, then its
+        image lock, shared (GC removes an image only under its exclusive lock, after checking
+        the leases). False when it is gone or being removed right now."""
+        cat = self.store.catalog
+        if self._base_lease is None:
+            self._base_lease = cat.create_lease("pull-base")
+        cat.lease_add(self._base_lease, "image", [digest])
+        try:
+            lock = self.store.image_lock(digest, shared=True)
+        except BusyError:
+            return False
+        if cat.get_image(digest) is None or not (path / "index.json").is_file():
+            lock.release()
+            return False
+        self._base_lock = lock
+        return True
 
     def _frames_kept(
         self,
