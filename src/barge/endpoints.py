@@ -165,12 +165,12 @@ class LayoutEnd:
         from barge.oci.layout import OCILayout
 
         assert isinstance(self.layout, OCILayout)
-        src = open_at(0)
-        try:
-            stream = cast(BinaryIO, _Counting(src, progress)) if progress else src
-            self.layout.write_blob(digest, size, stream)
-        finally:
-            src.close()
+
+        def counted(offset: int) -> BinaryIO:
+            src = open_at(offset)
+            return cast(BinaryIO, _Counting(src, progress)) if progress else src
+
+        self.layout.write_blob_at(digest, size, counted)  # resumes a killed write of it
 
     def try_mount(self, digest: str, size: int) -> bool:
         return False
@@ -218,6 +218,11 @@ class _Counting(io.RawIOBase):
         if data and self.progress:
             self.progress(len(data))
         return data
+
+    def close(self) -> None:
+        if not self.closed:
+            self.src.close()
+        super().close()
 
 
 def _skip(f: BinaryIO, n: int) -> None:

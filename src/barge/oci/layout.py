@@ -10,8 +10,10 @@ skopeo, podman and friends read what barge writes and barge reads what they writ
 
 Safety: a path is only ever made from a digest that matched ``sha256:<64 hex>`` or
 ``sha512:<128 hex>``; names from index.json or a tar archive never become paths. Blobs are
-written to a temporary file in the same directory, verified (size and digest) while copied,
-fsynced and renamed, so a reader never sees a partial or wrong blob. Every blob read through
+written to a partial file in the same directory (``.partial-<hex>``, one per blob, locked while
+written), verified (size and digest) while copied, fsynced and renamed, so a reader never sees
+a partial or wrong blob; a write killed part-way leaves the partial file for the next writer of
+that blob, which re-verifies it and fetches only the rest. Every blob read through
 :meth:`open_blob` is verified against its digest at EOF.
 
 The readers (:class:`OCILayout`, :class:`OCIArchiveReader`) share one API: ``has_blob``,
@@ -34,7 +36,7 @@ import stat
 import tarfile
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import IO, Any, BinaryIO, Literal, Protocol, cast
@@ -134,6 +136,84 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _claimed(partial: Path) -> Iterator[int]:
+    """The partial file of one blob, open and exclusively locked: a second writer of the blob
+    waits here for the first, then sees the partial gone (renamed into place) and opens anew."""
+    for _ in range(64):
+        try:
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            _no_space(e, partial.name)
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(partial, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                yield fd
+                return
+        finally:
+            os.close(fd)
+    raise IntegrityError(f"{partial} keeps being replaced by another writer")
+
+
+def _rehash(fd: int, size: int, algo: str) -> tuple[int, Any]:
+    """(bytes kept, their hash) of a partial blob file; one longer than the blob is emptied."""
+    h = _HASHES[algo]()
+    have = os.fstat(fd).st_size
+    if have > size:
+        have = 0
+    pos = 0
+    while pos < have:
+        piece = os.pread(fd, min(CHUNK_SIZE, have - pos), pos)
+        if not piece:
+            break
+        h.update(piece)
+        pos += len(piece)
+    return pos, h
+
+
+def _fill(
+    fd: int,
+    kept: tuple[int, Any],
+    size: int,
+    open_at: Callable[[int], ReadableStream],
+    digest: str,
+    *,
+    owned: bool,
+) -> str:
+    """Write the blob from ``kept[0]`` on, reading ``open_at(kept[0])`` (closed when
+    ``owned``); the digest of the whole. A source with more or fewer bytes than ``size`` is
+    an IntegrityError."""
+    pos, h = kept
+    os.ftruncate(fd, pos)
+    stream = open_at(pos)
+    try:
+        while True:
+            piece = stream.read(min(CHUNK_SIZE, size + 1 - pos))
+            if not piece:
+                break
+            if pos + len(piece) > size:
+                raise IntegrityError(f"blob {digest} has more than the {size} bytes declared")
+            h.update(piece)
+            view = memoryview(piece)
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view = view[n:]
+                pos += n
+    finally:
+        close = getattr(stream, "close", None) if owned else None
+        if close is not None:
+            close()
+    if pos != size:
+        raise IntegrityError(f"blob {digest} has {pos} bytes, {size} were declared")
+    algo, _ = _split_digest(digest)
+    return f"{algo}:{h.hexdigest()}"
 
 
 def _check_tag(tag: str) -> str:
@@ -448,55 +528,76 @@ class OCILayout(_LayoutReader):
     def write_blob(self, digest: str, size: int, stream: ReadableStream) -> None:
         """Copy ``size`` bytes from ``stream`` into the blob ``digest``.
 
-        The bytes go to a temporary file next to the final one and are hashed and counted in
-        1 MiB pieces; on a size or digest mismatch :class:`IntegrityError` is raised and
-        nothing is left behind. If the blob is already present (same size) the stream is not
-        read.
+        The bytes go to the blob's partial file next to the final one and are hashed and
+        counted in 1 MiB pieces; on a size or digest mismatch :class:`IntegrityError` is
+        raised and nothing is left behind. If the blob is already present (same size) the
+        stream is not read. A partial file an interrupted write left is started over (see
+        :meth:`write_blob_at` to resume it).
         """
+
+        def from_start(offset: int) -> ReadableStream:
+            return stream
+
+        self._write_blob(digest, size, from_start, resume=False)
+
+    def write_blob_at(
+        self, digest: str, size: int, open_at: Callable[[int], ReadableStream]
+    ) -> None:
+        """:meth:`write_blob` from ``open_at(offset)`` (a stream of the blob from ``offset``,
+        closed here), resuming: the bytes a killed or interrupted write of this blob kept in
+        its partial file are hashed again and only the rest is read; if the whole does not
+        verify, it is written once more from ``open_at(0)``."""
+        self._write_blob(digest, size, open_at, resume=True)
+
+    def _write_blob(
+        self,
+        digest: str,
+        size: int,
+        open_at: Callable[[int], ReadableStream],
+        *,
+        resume: bool,
+    ) -> None:
+        """One partial file per blob (``.partial-<hex>``, locked while written): a writer
+        killed part-way leaves it for the next writer of the blob to take over, never a file
+        nobody will reuse; a second writer of the same blob waits and finds it written."""
         algo, hexpart = _split_digest(digest)
         if size < 0:
             raise IntegrityError(f"invalid size {size} for blob {digest}")
         if self._blob_size(digest) == size:
             return
         blob_dir = self.path / BLOBS_DIR / algo
+        partial = blob_dir / f".partial-{hexpart}"
         try:
             blob_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=blob_dir, prefix=".tmp-", suffix=".partial")
         except OSError as e:
             _no_space(e, f"blob {digest}")
             raise
-        try:
-            h = _HASHES[algo]()
-            count = 0
-            with os.fdopen(fd, "wb") as out:
-                while True:
-                    piece = stream.read(min(CHUNK_SIZE, size + 1 - count))
-                    if not piece:
-                        break
-                    count += len(piece)
-                    if count > size:
-                        raise IntegrityError(
-                            f"blob {digest} has more than the {size} bytes declared"
-                        )
-                    h.update(piece)
-                    out.write(piece)
-                if count != size:
-                    raise IntegrityError(f"blob {digest} has {count} bytes, {size} were declared")
-                actual = f"{algo}:{h.hexdigest()}"
+        with _claimed(partial) as fd:
+            if self._blob_size(digest) == size:  # the writer we waited for finished it
+                os.unlink(partial)
+                return
+            try:
+                kept = _rehash(fd, size, algo) if resume else (0, _HASHES[algo]())
+                actual = _fill(fd, kept, size, open_at, digest, owned=resume)
+                if actual != digest and kept[0]:  # the kept bytes were wrong: start over
+                    actual = _fill(fd, (0, _HASHES[algo]()), size, open_at, digest, owned=resume)
                 if actual != digest:
                     raise IntegrityError(
                         f"digest mismatch for blob {digest}: got {actual}; nothing was written"
                     )
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, blob_dir / hexpart)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(e, OSError):
-                _no_space(e, f"blob {digest}")
-            raise
+                os.fsync(fd)
+                os.fchmod(fd, 0o644)
+                os.replace(partial, blob_dir / hexpart)
+            except BaseException as e:
+                # wrong bytes and a full disk leave nothing; anything else (an interrupt, a
+                # network error) keeps what was written for the next writer to verify
+                full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+                if isinstance(e, IntegrityError) or full:
+                    with contextlib.suppress(OSError):
+                        os.unlink(partial)
+                if isinstance(e, OSError):
+                    _no_space(e, f"blob {digest}")
+                raise
         _fsync_dir(blob_dir)
 
     def write_blob_bytes(self, data: bytes) -> str:
