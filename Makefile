@@ -1,4 +1,4 @@
-.PHONY: setup demo test lint typecheck unit bench fuzz clean
+.PHONY: setup demo test lint typecheck unit bench fuzz soak clean
 
 setup:
 	bash scripts/setup.sh
@@ -27,6 +27,11 @@ bench: setup
 fuzz: setup
 	BARGE_FUZZ=1 .venv/bin/pytest -q --timeout=0 --hypothesis-show-statistics \
 		tests/test_pull_differential.py -k generated
+
+# the reliability suite in full (tests/test_soak.py; `make test` runs its short form):
+# BARGE_SOAK_SEED=N replays a run
+soak: setup
+	BARGE_SOAK=full .venv/bin/pytest -q -rxs -p no:cacheprovider tests/test_soak.py
 
 clean:
 	rm -rf .venv .demo bench/out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -30,3 +31,22 @@ def barge_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
     yield home
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import soakfixtures
+
+    return (
+        f"reliability suite: seed {soakfixtures.SEED}, scale {soakfixtures.SCALE.name} "
+        f"(replay: {soakfixtures.replay_hint()})"
+    )
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    import soakfixtures
+
+    lines = soakfixtures.TALLY.summary()
+    if lines:
+        terminalreporter.section("reliability suite")
+        for line in lines:
+            terminalreporter.write_line(line)
