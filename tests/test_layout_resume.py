@@ -24,6 +24,7 @@ import pytest
 from barge.endpoints import LayoutEnd
 from barge.errors import IntegrityError
 from barge.oci.layout import OCILayout
+from clitest import opener
 
 MiB = 1 << 20
 DATA = os.urandom(5 * MiB + 123)
@@ -67,23 +68,13 @@ def _strays(layout: Path) -> list[str]:
     return sorted(p.name for p in (layout / "blobs" / "sha256").iterdir() if p.name.startswith("."))
 
 
-def _opener(data: bytes, offsets: list[int]) -> object:
-    def open_at(off: int) -> io.BytesIO:
-        offsets.append(off)
-        f = io.BytesIO(data)
-        f.seek(off)
-        return f
-
-    return open_at
-
-
 def test_a_killed_blob_write_resumes_where_it_stopped_and_leaves_no_file(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     cut = 3 * MiB + 17
     _killed_write(tmp_path, layout, cut)
     offsets: list[int] = []
     end = LayoutEnd(layout, "v1", create=True)
-    end.put_blob(DIGEST, len(DATA), _opener(DATA, offsets), None)  # type: ignore[arg-type]
+    end.put_blob(DIGEST, len(DATA), opener(DATA, offsets), None)
     assert offsets == [cut]  # only the rest was read from the source
     assert (layout / "blobs" / "sha256" / DIGEST[7:]).read_bytes() == DATA
     assert _strays(layout) == []
@@ -98,7 +89,7 @@ def test_kept_bytes_that_do_not_verify_are_written_again(tmp_path: Path) -> None
         f.seek(MiB)
         f.write(b"\xff")
     offsets: list[int] = []
-    LayoutEnd(layout, "v1").put_blob(DIGEST, len(DATA), _opener(DATA, offsets), None)  # type: ignore[arg-type]
+    LayoutEnd(layout, "v1").put_blob(DIGEST, len(DATA), opener(DATA, offsets), None)
     assert offsets == [cut, 0]
     assert (layout / "blobs" / "sha256" / DIGEST[7:]).read_bytes() == DATA
     assert _strays(layout) == []
