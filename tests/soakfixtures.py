@@ -148,6 +148,7 @@ class Tally:
         self.counts: dict[str, Counter[str]] = {}
         self.seconds: dict[str, float] = {}
         self.figures: dict[str, str] = {}
+        self.examples: dict[str, list[str]] = {}
 
     def add(self, section: str, key: str, n: int = 1) -> None:
         with self._lock:
@@ -165,6 +166,13 @@ class Tally:
         with self._lock:
             self.figures[name] = text
 
+    def example(self, key: str, text: str, keep: int = 3) -> None:
+        """Keep up to ``keep`` distinct texts under ``key`` (what clean errors said)."""
+        with self._lock:
+            seen = self.examples.setdefault(key, [])
+            if text not in seen and len(seen) < keep:
+                seen.append(text)
+
     def summary(self) -> list[str]:
         if not self.counts and not self.seconds:
             return []
@@ -175,6 +183,8 @@ class Tally:
             lines.append(f"{section}: {parts}")
         for name, text in sorted(self.figures.items()):
             lines.append(f"{name}: {text}")
+        for key, texts in sorted(self.examples.items()):
+            lines += [f"{key}: {t}" for t in texts]
         total = sum(self.seconds.values())
         for name, secs in sorted(self.seconds.items()):
             lines.append(f"wall time {name}: {secs:.1f} s")
@@ -498,11 +508,11 @@ def largest_layer(manifest: dict[str, Any]) -> int:
     return max((int(d["size"]) for d in manifest.get("layers", [])), default=0)
 
 
-def small_blobs(manifest: dict[str, Any], threshold: int = 1 * MiB) -> int:
-    """Bytes of the image's small blobs (config, frame index, VM config): a re-run reads them
-    again by design."""
+def metadata_blobs(manifest: dict[str, Any]) -> int:
+    """Bytes of the image's blobs that are not disk chunks (the OCI config, the VM config,
+    the frame index, extra files): a re-run reads them again by design."""
     descs = [manifest["config"], *manifest.get("layers", [])]
-    return sum(int(d["size"]) for d in descs if int(d["size"]) < threshold)
+    return sum(int(d["size"]) for d in descs if ".disk.chunk." not in str(d["mediaType"]))
 
 
 # -- the fault schedule --------------------------------------------------------------------------

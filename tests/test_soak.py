@@ -49,11 +49,11 @@ from soakfixtures import (
     largest_layer,
     make_vm,
     manifest_of,
+    metadata_blobs,
     push_inproc,
     replay_hint,
     rng,
     run_killed,
-    small_blobs,
     timed,
 )
 
@@ -73,6 +73,8 @@ def _outcome(op: str, res: Run) -> bool:
     if res.code == 0:
         return True
     TALLY.add("clean errors", f"{op} exit {res.code}")
+    said = next((ln for ln in res.err.splitlines() if ln.startswith("barge: error:")), "")
+    TALLY.example(f"clean error ({op})", said[:300])
     return False
 
 
@@ -215,7 +217,7 @@ class KillCase:
         self.proxy: ScheduledProxy | None = None
         self.dest_registry: RunningRegistry | None = None
         self.chunk_bytes = largest_layer(world.manifest)  # one chunk's worth, at the proxy
-        self.rereads = small_blobs(world.manifest)  # what a re-run moves again by design
+        self.rereads = metadata_blobs(world.manifest)  # what a re-run moves again by design
         self.total = blob_bytes(world.manifest)
 
     def total_bytes(self) -> int:
@@ -301,7 +303,7 @@ class PushKill(KillCase):
             self.expected = digest
             manifest = manifest_of(self.dest_registry, "kill/vm", self.tag)
             assert manifest is not None
-            self.chunk_bytes, self.rereads = largest_layer(manifest), small_blobs(manifest)
+            self.chunk_bytes, self.rereads = largest_layer(manifest), metadata_blobs(manifest)
             self.total = blob_bytes(manifest)
         assert digest == self.expected, replay_hint()
         barge.check("verify", "--remote", "--deep", f"{self.dest_registry.host}/kill/vm:{self.tag}")
