@@ -260,9 +260,10 @@ class PushKill(KillCase):
 
     def known_overrun(self) -> str | None:
         return (
-            "a chunk is streamed in one PATCH; docker-registry voids a session a PATCH was "
-            "cut short in (its Location's signed state says offset 0), so a killed push "
-            "sends every chunk it had in flight again"
+            "a chunk is streamed in one PATCH, and one the kill cut short leaves a session no "
+            "later run can continue (docker-registry voids it: the offset signed into its "
+            "Location no longer matches), so a killed push sends every chunk it had in flight "
+            "again"
         )
 
     def prepare(self, i: int) -> tuple[Barge, tuple[str, ...]]:
