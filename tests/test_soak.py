@@ -106,23 +106,29 @@ def test_pushes_and_pulls_through_the_fault_schedule(tmp_path: Path) -> None:
         )
         schedule = FaultSchedule(seed=r.randrange(1 << 32), rate=SCALE.fault_rate)
         digests: set[str] = set()
-        for i in range(SCALE.rounds):
-            with fresh_registry(tmp_path / f"reg{i}") as reg:
-                proxy = ScheduledProxy(reg, schedule)
-                try:
-                    digests.add(_push_round(src, reg, proxy, i))
-                    # the same VM always makes the same manifest, faults or not
-                    assert len(digests) == 1, (digests, replay_hint())
-                    _pull_round(tmp_path / f"dst{i}", reg, proxy, i, vm)
-                finally:
-                    proxy.stop()
-        TALLY.merge("faults injected", schedule.injected)
-        TALLY.figure(
-            "fault schedule",
-            f"{SCALE.rounds} pushes and {SCALE.rounds} pulls of {SCALE.image_size // MiB} MiB "
-            f"in {time.monotonic() - started:.1f} s, "
-            f"{sum(schedule.injected.values())} faults injected",
-        )
+        done = 0
+        try:
+            for i in range(SCALE.rounds):
+                with fresh_registry(tmp_path / f"reg{i}") as reg:
+                    proxy = ScheduledProxy(reg, schedule)
+                    try:
+                        digests.add(_push_round(src, reg, proxy, i))
+                        # the same VM always makes the same manifest, faults or not
+                        assert len(digests) == 1, (digests, replay_hint())
+                        _pull_round(tmp_path / f"dst{i}", reg, proxy, i, vm)
+                        # what was pushed, pulled into an empty store, is the source's bytes
+                        TALLY.add("outcomes", "push identical")
+                        done += 1
+                    finally:
+                        proxy.stop()
+        finally:
+            TALLY.merge("faults injected", schedule.injected)
+            TALLY.figure(
+                "fault schedule",
+                f"{done} of {SCALE.rounds} rounds (a push, then a pull into an empty store) of "
+                f"{SCALE.image_size // MiB} MiB in {time.monotonic() - started:.1f} s, "
+                f"{sum(schedule.injected.values())} faults injected",
+            )
 
 
 def _push_round(src: Barge, reg: RunningRegistry, proxy: ScheduledProxy, i: int) -> str:
@@ -139,9 +145,7 @@ def _push_round(src: Barge, reg: RunningRegistry, proxy: ScheduledProxy, i: int)
         ),
         after_error,
     )
-    digest = str(json.loads(res.out)["digest"])
-    TALLY.add("outcomes", "push identical")  # checked by the pull that follows
-    return digest
+    return str(json.loads(res.out)["digest"])
 
 
 def _pull_round(
@@ -198,7 +202,8 @@ def kill_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KillWorld]:
 
 class KillCase:
     """One operation under SIGKILL. ``prepare(i)`` sets up kill point ``i`` and returns the
-    command; ``progress()`` counts the bytes it moved at the proxy (None: time kills only);
+    command; ``progress()`` counts the bytes it moved at the proxy (unless ``by_bytes`` is
+    False: then it is killed by time only);
     ``after_kill()`` checks what the kill left; ``rerun()`` completes the work; ``final()``
     checks the result."""
 
@@ -216,6 +221,8 @@ class KillCase:
         self.dir = workdir
         self.proxy: ScheduledProxy | None = None
         self.dest_registry: RunningRegistry | None = None
+        self.expected: str | None = None  # the digest the command's result must have
+        self.template: Path | None = None  # a store prepared once, copied for each point
         self.chunk_bytes = largest_layer(world.manifest)  # one chunk's worth, at the proxy
         self.rereads = metadata_blobs(world.manifest)  # what a re-run moves again by design
         self.total = blob_bytes(world.manifest)
@@ -294,13 +301,11 @@ class PushKill(KillCase):
                 "verify", "--remote", "--deep", f"{self.dest_registry.host}/kill/vm:{self.tag}"
             )
 
-    expected: str | None = None  # the digest of the reference push: every push makes it
-
     def final(self, barge: Barge, res: Run) -> None:
         super().final(barge, res)
         assert self.dest_registry is not None
         digest = json.loads(res.out)["digest"]
-        if self.expected is None:
+        if self.expected is None:  # the first push: every other one makes this digest
             self.expected = digest
             manifest = manifest_of(self.dest_registry, "kill/vm", self.tag)
             assert manifest is not None
@@ -407,7 +412,6 @@ class PruneKill(KillCase):
 
     op = "prune"
     by_bytes = False
-    template: Path | None = None
 
     def _template(self) -> Path:
         if self.template is None:
@@ -420,8 +424,7 @@ class PruneKill(KillCase):
                 push_inproc(b, name, ref, chunk=1 * MiB, frame=1 * MiB)
                 b.check("pull", ref, "-q")
                 b.check("delete", name)
-            PruneKill.template = t
-        assert self.template is not None
+            self.template = t
         return self.template
 
     def prepare(self, i: int) -> tuple[Barge, tuple[str, ...]]:
@@ -519,7 +522,7 @@ def test_sigkill_at_seeded_points_then_rerun(
 
 def test_concurrent_operations_on_one_store(tmp_path: Path, registry: RunningRegistry) -> None:
     """Pulls (one image twice at once, an incremental one), pushes, clones (from images and
-    from a VM) and prunes to a zero budget, all at once on one store; then the catalog is
+    from a VM) and prunes to a one-byte budget, all at once on one store; then the catalog is
     intact and everything listed is whole and has its source's bytes."""
     r = rng("concurrent")
     with timed("concurrent operations"):
@@ -545,8 +548,14 @@ def test_concurrent_operations_on_one_store(tmp_path: Path, registry: RunningReg
         proxy = ScheduledProxy(registry, schedule)
         try:
             host = proxy.host
-            store.check("pull", f"{host}/c/a:v1", "-q")  # the base of the incremental pull
-            sources = {f"{host}/c/a:v1": v1, f"{host}/c/a:v2": a2, f"{host}/c/b:v1": b.digest}
+            base = f"{registry.host}/c/a:v1"  # the base of the incremental pulls
+            store.check("pull", base, "-q")
+            sources = {
+                base: v1,
+                f"{host}/c/a:v1": v1,
+                f"{host}/c/a:v2": a2,
+                f"{host}/c/b:v1": b.digest,
+            }
             for n in range(SCALE.concurrent_rounds):
                 chunk = str(SCALE.kill_chunk)
                 cmds = [  # every kind of command comes first: the short form takes fewer
