@@ -80,6 +80,18 @@ def test_a_killed_blob_write_resumes_where_it_stopped_and_leaves_no_file(tmp_pat
     assert _strays(layout) == []
 
 
+def test_a_blob_killed_once_all_of_it_was_written_is_not_read_again(tmp_path: Path) -> None:
+    """Killed after the last byte, before the rename: asking the source for the bytes from
+    its end on would be a Range no registry satisfies (HTTP 416, a copy that never ends)."""
+    layout = tmp_path / "layout"
+    _killed_write(tmp_path, layout, len(DATA))
+    offsets: list[int] = []
+    LayoutEnd(layout, "v1").put_blob(DIGEST, len(DATA), opener(DATA, offsets), None)
+    assert offsets == []
+    assert (layout / "blobs" / "sha256" / DIGEST[7:]).read_bytes() == DATA
+    assert _strays(layout) == []
+
+
 def test_kept_bytes_that_do_not_verify_are_written_again(tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     cut = 2 * MiB

@@ -192,6 +192,9 @@ def _fill(
     an IntegrityError."""
     pos, h = kept
     os.ftruncate(fd, pos)
+    if pos == size:  # all kept: nothing to read (a source asked for no bytes may refuse)
+        algo, _ = _split_digest(digest)
+        return f"{algo}:{h.hexdigest()}"
     stream = open_at(pos)
     try:
         while True:
