@@ -528,10 +528,11 @@ class FaultSchedule:
 
     Kinds: ``reset`` (RST before forwarding), ``lost-answer`` (forwarded, the registry acted,
     RST instead of its answer), ``5xx`` (500/502/503 without forwarding), ``429`` (with a
-    ``Retry-After`` of 0 to :attr:`Scale.retry_after` s), ``cut-request`` (RST after part of a request body),
-    ``truncate`` (an answer body cut part-way), ``stall`` (no byte for longer than the
-    client's stall timeout: part-way through an answer body when the proxy can hold one,
-    else ``silence``: no answer at all, then a reset)."""
+    ``Retry-After`` of 0 to :attr:`Scale.retry_after` s), ``cut-request`` (RST after part of
+    a request body), ``truncate`` (an answer body cut part-way), and three stalls, each longer
+    than the client's stall timeout: ``stall`` (an answer body that stops part-way), ``deaf``
+    (a request body nobody reads), ``silent`` (a request read, never answered). A stall goes
+    to requests it can happen to (a body to stop or leave unread), ``silent`` to the rest."""
 
     seed: int
     rate: float
@@ -549,10 +550,8 @@ class FaultSchedule:
     _seen: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def decide(
-        self, method: str, path: str, headers: dict[str, str]
-    ) -> tuple[str, FaultRule | None, float]:
-        """(kind, the rule that injects it, seconds of silence before it) or ("", None, 0)."""
+    def decide(self, method: str, path: str, headers: dict[str, str]) -> FaultRule | None:
+        """The rule that injects this request's fault, if it meets one."""
         hdr = {k.lower(): v for k, v in headers.items()}
         where = _UPLOAD_SESSION.sub(r"\1*", path)
         key = f"{method} {where} {hdr.get('range', '')}"
@@ -561,7 +560,7 @@ class FaultSchedule:
             self._seen[key] += 1
         r = random.Random(f"{self.seed}:{key}:{n}")
         if r.random() >= self.rate:
-            return "", None, 0.0
+            return None
         length = int(hdr.get("content-length", "0") or 0)
         has_body = length > 0 or "chunked" in hdr.get("transfer-encoding", "").lower()
         answers_body = method == "GET"
@@ -571,10 +570,10 @@ class FaultSchedule:
             if (k != "cut-request" or has_body) and (k != "truncate" or answers_body)
         ]
         kind = r.choice(kinds)
-        silence = 0.0
-        if kind == "stall" and not (answers_body and MID_BODY_STALLS):
-            kind, silence = "silence", self.stall_seconds  # no answer at all, then a reset
-        if kind in ("reset", "silence"):
+        if kind == "stall" and not answers_body:
+            kind = "deaf" if has_body else "silent"
+        hold = self.stall_seconds
+        if kind == "reset":
             rule = FaultRule(action="reset")
         elif kind == "lost-answer":
             rule = FaultRule(action="reset", forward=True)
@@ -591,15 +590,13 @@ class FaultSchedule:
             rule = FaultRule(action="reset", after_request_bytes=cut)
         elif kind == "truncate":
             rule = FaultRule(action="truncate", keep=r.randrange(2 * MiB))
-        else:  # a stall part-way through an answer body
-            rule = FaultRule(action="stall", keep=r.randrange(2 * MiB), hold=self.stall_seconds)
+        elif kind == "stall":
+            rule = FaultRule(action="stall", keep=r.randrange(2 * MiB), hold=hold)
+        else:  # "deaf" or "silent"
+            rule = FaultRule(action=kind, hold=hold)
         with self._lock:
             self.injected[kind] += 1
-        return kind, rule, silence
-
-
-#: whether the proxy can hold an answer part-way (its "stall" action)
-MID_BODY_STALLS = "hold" in FaultRule.__dataclass_fields__
+        return rule
 
 
 class _Bucket:
@@ -680,10 +677,7 @@ class ScheduledProxy(FaultProxy):
         rule = super()._pick(method, path, headers)
         if rule is not None or self.schedule is None:
             return rule
-        _kind, rule, silence = self.schedule.decide(method, path, headers)
-        if silence:  # a server that says nothing, then hangs up
-            time.sleep(silence)
-        return rule
+        return self.schedule.decide(method, path, headers)
 
 
 # -- images --------------------------------------------------------------------------------------
@@ -718,3 +712,102 @@ def push_inproc(barge: Barge, vm: str, ref: str, *, chunk: int, frame: int) -> s
     finally:
         store.close()
     return res.digest
+
+
+# -- running commands the way the tests do ------------------------------------------------
+
+#: runs of one command after a clean error before the suite calls it stuck
+ATTEMPTS = 4
+
+
+def outcome(op: str, res: Run) -> bool:
+    """Count one run; fail the test unless it is a success or a clean error."""
+    TALLY.add("runs", op)
+    problems = res.problems()
+    assert not problems, f"{res.brief()}: {'; '.join(problems)} ({replay_hint()})"
+    if res.code == 0:
+        return True
+    TALLY.add("clean errors", f"{op} exit {res.code}")
+    said = next((ln for ln in res.err.splitlines() if ln.startswith("barge: error:")), "")
+    TALLY.example(f"clean error ({op})", said[:300])
+    return False
+
+
+def until_done(op: str, run: Callable[[], Run], after_error: Callable[[], None]) -> Run:
+    """Run ``op`` until it succeeds; after each clean error check the store (``after_error``)."""
+    for _ in range(ATTEMPTS):
+        res = run()
+        if outcome(op, res):
+            return res
+        after_error()
+    raise AssertionError(f"{op} failed {ATTEMPTS} times in a row: {res.brief()} ({replay_hint()})")
+
+
+def all_at_once(store: Barge, cmds: list[tuple[str, ...]], r: random.Random) -> list[Run]:
+    """Run every command of ``cmds`` in its own process on ``store``, each started after a
+    seeded delay of up to a second; their runs, in order."""
+    delays = [r.uniform(0, 1.0) for _ in cmds]
+    results: list[Run | None] = [None] * len(cmds)
+
+    def one(k: int) -> None:
+        time.sleep(delays[k])
+        results[k] = store.run(*cmds[k])
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(cmds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(SCALE.op_timeout + 60)
+    assert all(res is not None for res in results), "a command never returned"
+    return [res for res in results if res is not None]
+
+
+def run_under_prunes(home: Barge, args: tuple[str, ...]) -> tuple[Run, int]:
+    """Run ``barge ARGS`` (an incremental pull or clone); once it says which base it uses,
+    prune to a one-byte budget over and over (``barge prune`` processes, and GC from this
+    process in a loop between them) until it ends. Returns its run and the prunes made."""
+    t0 = time.monotonic()
+    proc = home.start(*args)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    based = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "as a base" in line:
+                based.set()
+        based.set()  # the command ended without one: nothing to race
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    based.wait(SCALE.op_timeout)
+    prunes = 0
+    stop = threading.Event()
+
+    def gc_loop() -> None:
+        from barge.store import Store
+
+        while not stop.is_set():
+            store = Store(home.home)
+            try:
+                store.gc(space_budget=1)
+            finally:
+                store.close()
+            time.sleep(0.01)
+
+    looping = threading.Thread(target=gc_loop)
+    looping.start()
+    try:
+        while proc.poll() is None:
+            p = home.run("prune", "--space-budget", "1")
+            assert not p.problems() and p.code == 0, p.brief()
+            prunes += 1
+    finally:
+        stop.set()
+        looping.join(60)
+    out = proc.stdout.read() if proc.stdout is not None else ""
+    proc.wait(60)
+    reader.join(60)
+    return Run(args, proc.returncode, out, "".join(lines), time.monotonic() - t0), prunes

@@ -21,9 +21,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from soakfixtures import (
     Run,
     ScheduledProxy,
     SourceVM,
+    all_at_once,
     blob_bytes,
     check_store,
     content_digest,
@@ -50,42 +50,20 @@ from soakfixtures import (
     make_vm,
     manifest_of,
     metadata_blobs,
+    outcome,
     push_inproc,
     replay_hint,
     rng,
     run_killed,
+    run_under_prunes,
     timed,
+    until_done,
 )
 
 pytestmark = pytest.mark.timeout(7200 if SCALE.name == "full" else 600)
 
-#: runs of one command after a clean error before the suite calls it stuck
-ATTEMPTS = 4
 #: bytes per second the kill tests' proxy sends answers at, all connections together
 PACE = 50e6
-
-
-def _outcome(op: str, res: Run) -> bool:
-    """Count one run; fail the test unless it is a success or a clean error."""
-    TALLY.add("runs", op)
-    problems = res.problems()
-    assert not problems, f"{res.brief()}: {'; '.join(problems)} ({replay_hint()})"
-    if res.code == 0:
-        return True
-    TALLY.add("clean errors", f"{op} exit {res.code}")
-    said = next((ln for ln in res.err.splitlines() if ln.startswith("barge: error:")), "")
-    TALLY.example(f"clean error ({op})", said[:300])
-    return False
-
-
-def _until_done(op: str, run: Callable[[], Run], after_error: Callable[[], None]) -> Run:
-    """Run ``op`` until it succeeds; after each clean error check the store (``after_error``)."""
-    for _ in range(ATTEMPTS):
-        res = run()
-        if _outcome(op, res):
-            return res
-        after_error()
-    raise AssertionError(f"{op} failed {ATTEMPTS} times in a row: {res.brief()} ({replay_hint()})")
 
 
 # -- 1. pushes and pulls through the fault schedule ------------------------------------------------
@@ -138,7 +116,7 @@ def _push_round(src: Barge, reg: RunningRegistry, proxy: ScheduledProxy, i: int)
         if manifest_of(reg, "soak/vm", f"r{i}") is not None:
             src.check("verify", "--remote", f"{reg.host}/soak/vm:r{i}")
 
-    res = _until_done(
+    res = until_done(
         "push",
         lambda: src.run(
             "push", "vm", ref, "--chunk-size", str(SCALE.image_chunk), "-q", "--format", "json"
@@ -157,7 +135,7 @@ def _pull_round(
     def after_error() -> None:
         assert check_store(dst) == [], f"a failed pull left an image listed ({replay_hint()})"
 
-    _until_done("pull", lambda: dst.run("pull", ref, "-q"), after_error)
+    until_done("pull", lambda: dst.run("pull", ref, "-q"), after_error)
     rows = check_store(dst)
     assert len(rows) == 1, rows
     got = content_digest(
@@ -486,7 +464,7 @@ def test_sigkill_at_seeded_points_then_rerun(
                 assert ic == "ok", f"{op} kill {i}: integrity_check {ic} ({replay_hint()})"
                 case.after_kill(barge)
                 res = case.rerun(barge, args)
-                assert _outcome(f"{op} rerun", res), res.brief()
+                assert outcome(f"{op} rerun", res), res.brief()
                 case.final(barge, res)
                 if whole is None:  # a killed run and its re-run: about one whole run
                     whole = killed.seconds + res.seconds
@@ -571,9 +549,9 @@ def test_concurrent_operations_on_one_store(tmp_path: Path, registry: RunningReg
                     ("prune", "--space-budget", "1"),
                 ][: SCALE.concurrent_procs]
                 r.shuffle(cmds)
-                results = _all_at_once(store, cmds, r)
+                results = all_at_once(store, cmds, r)
                 for cmd, res in zip(cmds, results, strict=True):
-                    _outcome(f"concurrent {cmd[0]}", res)
+                    outcome(f"concurrent {cmd[0]}", res)
                 sources.update({f"ca{n}": v1, f"cb{n}": b.digest, f"la{n}": a2})  # if made
                 rows = check_store(store, sources)
                 TALLY.add("outcomes", "concurrent items verified", len(rows))
@@ -589,23 +567,6 @@ def test_concurrent_operations_on_one_store(tmp_path: Path, registry: RunningReg
         finally:
             proxy.stop()
             TALLY.merge("faults injected", schedule.injected)
-
-
-def _all_at_once(store: Barge, cmds: list[tuple[str, ...]], r: Any) -> list[Run]:
-    delays = [r.uniform(0, 1.0) for _ in cmds]
-    results: list[Run | None] = [None] * len(cmds)
-
-    def one(k: int) -> None:
-        time.sleep(delays[k])
-        results[k] = store.run(*cmds[k])
-
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(cmds))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(SCALE.op_timeout + 60)
-    assert all(res is not None for res in results), "a command never returned"
-    return [res for res in results if res is not None]
 
 
 # -- 4. a base image pruned while an incremental pull uses it ---------------------------------------
@@ -653,8 +614,8 @@ def test_base_pruned_while_an_incremental_pull_uses_it(
                 # not quiet: its note "using cached image ... as a base" starts the prunes
                 one = ("--concurrency", "1")
                 args = ("clone", ref, "v2", *one) if clone else ("pull", ref, *one)
-                res, prunes = _pull_under_prunes(home, args)
-                assert _outcome(f"incremental {args[0]} under prunes", res), res.brief()
+                res, prunes = run_under_prunes(home, args)
+                assert outcome(f"incremental {args[0]} under prunes", res), res.brief()
                 assert "as a base" in res.err, f"the pull used no base: {res.err[-500:]}"
                 TALLY.add("runs", "prunes during an incremental pull", prunes)
                 check_store(home, {"v2": v2, ref: v2})
@@ -666,54 +627,3 @@ def test_base_pruned_while_an_incremental_pull_uses_it(
                 assert [x for x in home.listed() if x["source"] == "oci"] == []
             finally:
                 proxy.stop()
-
-
-def _pull_under_prunes(home: Barge, args: tuple[str, ...]) -> tuple[Run, int]:
-    """Run ``barge ARGS`` (an incremental pull or clone); once it says which base it uses,
-    prune to a one-byte budget over and over (``barge prune`` processes, and GC from this
-    process in a loop between them) until it ends. Returns its run and the prunes made."""
-    t0 = time.monotonic()
-    proc = home.start(*args)
-    assert proc.stderr is not None
-    lines: list[str] = []
-    based = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "as a base" in line:
-                based.set()
-        based.set()  # the command ended without one: nothing to race
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    based.wait(SCALE.op_timeout)
-    prunes = 0
-    stop = threading.Event()
-
-    def gc_loop() -> None:
-        from barge.store import Store
-
-        while not stop.is_set():
-            store = Store(home.home)
-            try:
-                store.gc(space_budget=1)
-            finally:
-                store.close()
-            time.sleep(0.01)
-
-    looping = threading.Thread(target=gc_loop)
-    looping.start()
-    try:
-        while proc.poll() is None:
-            p = home.run("prune", "--space-budget", "1")
-            assert not p.problems() and p.code == 0, p.brief()
-            prunes += 1
-    finally:
-        stop.set()
-        looping.join(60)
-    out = proc.stdout.read() if proc.stdout is not None else ""
-    proc.wait(60)
-    reader.join(60)
-    return Run(args, proc.returncode, out, "".join(lines), time.monotonic() - t0), prunes
