@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -221,7 +222,13 @@ _WORDS = (
 ).split()
 
 
-def make_disk(path: Path, size: int, r: random.Random) -> Counter[str]:
+#: how much of a disk :func:`make_disk` gives each kind of content, by default
+MIX = {"random": 35, "text": 25, "zeros": 15, "hole": 25}
+
+
+def make_disk(
+    path: Path, size: int, r: random.Random, mix: dict[str, int] | None = None
+) -> Counter[str]:
     """Write a seeded disk of ``size`` bytes: runs of random data, compressible text, written
     zeros (allocated: they become holes on pull) and holes, of lengths from 512 bytes to a
     few percent of the disk, at 512-byte (not frame- or block-) aligned boundaries, so frames
@@ -236,7 +243,8 @@ def make_disk(path: Path, size: int, r: random.Random) -> Counter[str]:
         while pos < size:
             small = r.random() < 0.2
             n = min(512 * r.randint(1, 128 if small else 2 * avg // 512), size - pos)
-            kind = r.choices(["random", "text", "zeros", "hole"], weights=[35, 25, 15, 25])[0]
+            weights = mix or MIX
+            kind = r.choices(list(weights), weights=list(weights.values()))[0]
             kinds[kind] += n
             if kind != "hole":
                 f.seek(pos)
@@ -664,6 +672,9 @@ class ScheduledProxy(FaultProxy):
 
     def _handle(self, h: Any) -> None:
         if self.bucket is not None and not isinstance(h.wfile, _PacedWriter):
+            # and little waits in this end's send buffer either
+            with contextlib.suppress(OSError):
+                h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 128 * KiB)
             h.wfile = _PacedWriter(h.wfile, self.bucket)
         super()._handle(h)
 
@@ -694,10 +705,12 @@ class SourceVM:
     kinds: Counter[str]
 
 
-def make_vm(barge: Barge, name: str, size: int, r: random.Random) -> SourceVM:
+def make_vm(
+    barge: Barge, name: str, size: int, r: random.Random, mix: dict[str, int] | None = None
+) -> SourceVM:
     barge.check("create", name, "--disk-size", str(size))
     disk = barge.home / "vms" / name / "disk.img"
-    kinds = make_disk(disk, size, r)
+    kinds = make_disk(disk, size, r, mix)
     return SourceVM(barge, name, disk, content_digest(disk), kinds)
 
 
