@@ -200,7 +200,7 @@ def registry(name: str, *, keep: bool = False) -> Iterator[Registry]:
     """A fresh ``docker-registry`` (filesystem storage under bench/out/work/NAME) on loopback,
     started by the tests' launcher; logging at "warn" (plus the access log the pull figures
     read), so that the registry's own logging weighs on neither barge nor skopeo."""
-    from registry_fixtures import start_registry
+    from registries import start_registry
 
     workdir = OUT / "work" / f"registry-{name}"
     shutil.rmtree(workdir, ignore_errors=True)

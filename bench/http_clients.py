@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/http_clients.py [SIZE_MIB]   (default 1024 = 1 GiB)
 
-Starts Debian's docker-registry (tests/registry_fixtures.start_registry) in a temp dir,
+Starts Debian's docker-registry (tests/registries.start_registry) in a temp dir,
 uploads the same blob with each client (monolithic POST + PUT, streamed from a file) and
 downloads it again (streamed into a reused 1 MiB buffer), and prints MB/s. Also measures
 barge's own RegistryClient, which is built on urllib3 (upload_blob / BlobReader.readinto).
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import httpx  # noqa: E402
 import urllib3  # noqa: E402
 
-from registry_fixtures import start_registry  # noqa: E402
+from registries import start_registry  # noqa: E402
 
 BUF = 1 << 20
 
@@ -136,6 +136,7 @@ def main() -> None:
                 assert n == size
 
             from barge.oci import CredentialStore, RegistryClient
+            from barge.reference import Reference
 
             client = RegistryClient(
                 reg.host, home=tmpd / "home", credentials=CredentialStore.anonymous()
@@ -147,12 +148,14 @@ def main() -> None:
                     f.seek(off)
                     return f
 
-                client.upload_blob(repo, digest, size, open_at)
+                client.upload_blob(Reference(reg.host, repo), digest, size, open_at)
 
             def barge_download(repo: str) -> None:
                 buf = bytearray(BUF)
                 n = 0
-                with client.open_blob(repo, digest) as r:  # verifies sha256 at EOF
+                with client.open_blob(
+                    Reference(reg.host, repo), digest
+                ) as r:  # verifies sha256 at EOF
                     while k := r.readinto(buf):
                         n += k
                 assert n == size

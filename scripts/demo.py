@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from registry_fixtures import RunningRegistry, start_registry  # noqa: E402
+from registries import RunningRegistry, start_registry  # noqa: E402
 
 DEMO = ROOT / ".demo"
 BARGE = str(ROOT / ".venv" / "bin" / "barge")

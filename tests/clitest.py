@@ -17,6 +17,9 @@ import lz4.block
 from click.testing import CliRunner
 
 from barge.cli import main
+from barge.oci.api import RegistryAPI
+from barge.oci.types import is_digest
+from barge.reference import Reference
 
 MiB = 1 << 20
 
@@ -41,6 +44,14 @@ def sha256_file(path: Path) -> str:
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def at(client: RegistryAPI | str, repository: str, tag_or_digest: str | None = None) -> Reference:
+    """``repository`` on ``client``'s registry (or the registry named), at a tag or digest."""
+    registry = client if isinstance(client, str) else client.registry
+    if tag_or_digest is not None and is_digest(tag_or_digest):
+        return Reference(registry, repository, digest=tag_or_digest)
+    return Reference(registry, repository, tag_or_digest)
 
 
 def opener(data: bytes, calls: list[int] | None = None) -> Callable[[int], io.BytesIO]:

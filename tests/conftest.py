@@ -1,4 +1,5 @@
-"""Shared pytest fixtures. Registry fixtures live in tests/registry_fixtures.py."""
+"""Shared pytest fixtures. Registry fixtures live in tests/registries.py (registries, CA, token server) and
+tests/faultproxy.py (the fault proxy); tests/seed.py puts images into a registry."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-pytest_plugins = ["registry_fixtures", "guests"]
+pytest_plugins = ["registries", "faultproxy", "guests"]
 
 # Tests never assert timings (performance is measured by `make bench`): hypothesis' per-example
 # deadline only turns a loaded machine into a flaky failure.

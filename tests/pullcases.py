@@ -36,7 +36,7 @@ from barge.oci.layout import OCILayout
 from barge.pull import Puller, PullResult, pull
 from barge.push import PushOptions, push
 from barge.store import Disk, Store, VMConfig
-from registry_fixtures import RunningRegistry
+from registries import RunningRegistry
 from vmimages import TartChunk, push_tart, push_vetu, stored_stream
 
 KiB = 1024

@@ -47,7 +47,8 @@ from typing import Any
 from click.testing import CliRunner
 
 from barge.cli import main
-from registry_fixtures import FaultProxy, FaultRule, RunningRegistry, start_registry
+from faultproxy import FaultProxy, FaultRule
+from registries import RunningRegistry, start_registry
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -19,8 +19,10 @@ from barge.oci.client import RegistryClient
 from barge.pull import pull
 from barge.push import PushOptions, push
 from barge.store import Store
-from clitest import barge, sha256_file
-from registry_fixtures import FaultProxy, RunningRegistry, push_image
+from clitest import at, barge, sha256_file
+from faultproxy import FaultProxy
+from registries import RunningRegistry
+from seed import push_image
 
 MiB = 1 << 20
 SMALL = PushOptions(chunk_size=8 * MiB, frame_size=1 * MiB)
@@ -95,9 +97,9 @@ def test_copy_between_registries_keeps_digest_then_resumes(
     assert pulled.digest == pushed.digest
     assert sha256_file(pulled.path / "disk.img") == sha256_file(disk)
     # the destination's blob locations are in the catalog (later pushes can mount)
-    cfg_digest = json.loads(RegistryClient(proxy.host).get_manifest("mirror/vm", "v1").data)[
-        "config"
-    ]["digest"]
+    cfg_digest = json.loads(
+        RegistryClient(proxy.host).get_manifest(at(proxy.host, "mirror/vm", "v1")).data
+    )["config"]["digest"]
     assert "mirror/vm" in store.catalog.blob_repositories(cfg_digest, proxy.host)
 
 
@@ -116,7 +118,7 @@ def test_copy_plain_container_image_exact_bytes(
     assert doc["images"][0]["digest"] == digest
     assert doc["copiedBlobs"] == 3
     with RegistryClient(registry2.host) as c:
-        m = c.get_manifest("other/app", "1.0")  # the source's tag is kept
+        m = c.get_manifest(at(c, "other/app", "1.0"))  # the source's tag is kept
     assert m.data == data and m.digest == digest
     # through an OCI archive and a layout directory and back, verified at the end
     archive, layout = tmp_path / "app.tar", tmp_path / "app-layout"
@@ -152,10 +154,10 @@ def test_copy_all_tags(
     out = barge("copy", "--all-tags", f"{registry.host}/lib/multi", f"{registry2.host}/dst/multi")
     assert len(out.strip().splitlines()) == 3
     with RegistryClient(registry2.host) as c:
-        assert sorted(c.list_tags("dst/multi")) == ["latest", "v1", "v2"]
-        assert c.get_manifest("dst/multi", "v1").digest == d1
-        assert c.get_manifest("dst/multi", "v2").digest == d2
-        assert c.get_manifest("dst/multi", "latest").digest == d3
+        assert sorted(c.list_tags(at(c, "dst/multi"))) == ["latest", "v1", "v2"]
+        assert c.get_manifest(at(c, "dst/multi", "v1")).digest == d1
+        assert c.get_manifest(at(c, "dst/multi", "v2")).digest == d2
+        assert c.get_manifest(at(c, "dst/multi", "latest")).digest == d3
     err = barge(
         "copy", "--all-tags", f"{registry.host}/lib/multi:v1", f"{registry2.host}/x", code=2
     )
@@ -185,8 +187,8 @@ def test_tag_adds_tags_with_no_blob_traffic(
     assert proxy.count("PATCH") == 0 and proxy.count("PUT", r"/blobs/") == 0
     assert proxy.count("GET", r"/blobs/") == 0
     with RegistryClient(registry.host) as c:
-        assert sorted(c.list_tags("a/vm")) == ["stable", "v1", "v1.0"]
-        assert c.get_manifest("b/vm", "prod").digest == pushed.digest
+        assert sorted(c.list_tags(at(c, "a/vm"))) == ["stable", "v1", "v1.0"]
+        assert c.get_manifest(at(c, "b/vm", "prod")).digest == pushed.digest
     assert skopeo_digest(f"{registry.host}/b/vm:prod") == pushed.digest
     # another registry is refused with a pointer to copy
     err = barge("tag", f"{registry.host}/a/vm:v1", "127.0.0.2:1/a/vm:x", code=ExitCode.USAGE)

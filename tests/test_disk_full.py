@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from clitest import barge, run_cli, sha256_file, spawn, wait_until
-from registry_fixtures import FaultProxy, RunningRegistry
+from faultproxy import FaultProxy
+from registries import RunningRegistry
 
 MiB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""Chunk sizing against layer caps; per-registry tables."""
+"""Chunk sizing against layer caps (the registries' caps themselves: test_oci_settings)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import pytest
 from barge.disk.sizing import (
     choose_chunk_size,
     count_layers,
-    default_upload_chunk_size,
     format_size,
-    known_layer_limit,
 )
 from barge.errors import LimitError, UsageError
 
@@ -55,36 +53,6 @@ def test_impossible_cap() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(UsageError):
         choose_chunk_size({"a": 1}, default_chunk=FS + 1)
-
-
-@pytest.mark.parametrize(
-    ("host", "limit"),
-    [
-        ("123456789012.dkr.ecr.us-east-1.amazonaws.com", 127),
-        ("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn", 127),
-        ("123456789012.DKR.ECR.eu-west-1.amazonaws.com:443", 127),
-        ("ghcr.io", None),
-        ("localhost:5000", None),
-        ("[::1]:5000", None),
-    ],
-)
-def test_known_layer_limit(host: str, limit: int | None) -> None:
-    assert known_layer_limit(host) == limit
-
-
-@pytest.mark.parametrize(
-    ("host", "size"),
-    [
-        ("ghcr.io", 4 * MiB),
-        ("1.dkr.ecr.us-west-2.amazonaws.com", 10 * MiB),
-        ("europe-west1-docker.pkg.dev", None),
-        ("gcr.io", None),
-        ("eu.gcr.io", None),
-        ("registry-1.docker.io", None),
-    ],
-)
-def test_default_upload_chunk_size(host: str, size: int | None) -> None:
-    assert default_upload_chunk_size(host) == size
 
 
 def test_format_size() -> None:

@@ -15,7 +15,7 @@ from barge.errors import ExitCode
 from barge.local import create_vm
 from barge.store import Store
 from barge.verify import verify
-from registry_fixtures import RunningRegistry
+from registries import RunningRegistry
 from test_copy_registry import barge, make_vm, sha256_file
 
 MiB = 1 << 20

@@ -36,7 +36,8 @@ from barge.oci.types import OCI_INDEX, OCI_MANIFEST, Manifest, media_type_of, sh
 from barge.store import VMConfig
 from barge.untrusted import MAX_JSON_DEPTH, JSONError, load_json, printable
 from clitest import barge, sha
-from registry_fixtures import OCI_CONFIG, RunningRegistry, put_blob, put_manifest
+from registries import RunningRegistry
+from seed import OCI_CONFIG, put_blob, put_manifest
 from vmimages import push_tart, vector_chunks
 
 # -- generated hostile documents ----------------------------------------------------------------

@@ -19,7 +19,8 @@ from barge.pull import PullOptions, host_platform, pull
 from barge.push import push
 from barge.store import Store
 from barge.verify import verify
-from registry_fixtures import RunningRegistry
+from clitest import at
+from registries import RunningRegistry
 from test_copy_registry import SMALL, barge, make_vm, sha256_file, skopeo_digest
 
 
@@ -45,7 +46,7 @@ def test_push_index_pull_and_copy_by_platform(
     assert [m["platform"] for m in doc["manifests"]] == list(disks)
     assert skopeo_digest(ref) == doc["digest"]
     with RegistryClient(registry.host) as c:
-        idx = c.get_manifest("team/multi", "v1")
+        idx = c.get_manifest(at(c, "team/multi", "v1"))
     assert idx.is_index
     plats = {str(d.platform): d.digest for d in idx.index().manifests}
     assert set(plats) == set(disks)
@@ -103,11 +104,11 @@ def test_reduced_platform_copy_loop_keeps_content(
             clone_image(store, tmp_ref, f"arm-clone-{i}")
             delete_cached(store, tmp_ref)
             with RegistryClient(registry.host) as c:
-                desc = c.head_manifest(tmp_repo, f"it{i}")
+                desc = c.head_manifest(at(c, tmp_repo, f"it{i}"))
                 assert desc is not None
                 with contextlib.suppress(NotFoundError):  # see the note in docs/copy.md
-                    c.delete_manifest(tmp_repo, desc.digest)
-                assert c.head_manifest(tmp_repo, f"it{i}") is None
+                    c.delete_manifest(at(c, tmp_repo, desc.digest))
+                assert c.head_manifest(at(c, tmp_repo, f"it{i}")) is None
             push(store, f"arm-clone-{i}", [f"{registry2.host}/final/arm:it{i}"], SMALL)
             copy(store, f"{registry2.host}/final/arm:it{i}", f"{registry2.host}/final/copy:it{i}")
             delete_vm(store, f"arm-clone-{i}")

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from clitest import barge, run_cli, sha256_file, spawn, wait_until
-from registry_fixtures import OCI_MANIFEST, FaultProxy, RunningRegistry
+from faultproxy import FaultProxy
+from registries import RunningRegistry
+from seed import OCI_MANIFEST
 
 MiB = 1 << 20
 STOP_WITHIN = 2.0  # seconds from the signal to the process's exit

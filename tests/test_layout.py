@@ -28,7 +28,6 @@ from barge.oci.layout import (
     OCIArchiveReader,
     OCIArchiveWriter,
     OCILayout,
-    parse_layout_location,
     write_archive,
 )
 
@@ -481,43 +480,6 @@ def test_archive_other_problems(tmp_path: Path) -> None:
     _tar_with(p, [("./oci-layout", LAYOUT), ("./index.json", json.dumps(idx).encode())])
     with OCIArchiveReader(p) as r, pytest.raises(IntegrityError, match="invalid digest"):
         r.get_manifest(None)
-
-
-# ---------------------------------------------------------------------------------------------
-# location strings
-
-
-@pytest.mark.parametrize(
-    ("s", "expected"),
-    [
-        ("oci:dir", ("oci", Path("dir"), None)),
-        ("oci:dir:v1", ("oci", Path("dir"), "v1")),
-        ("oci:/abs/path/dir:latest", ("oci", Path("/abs/path/dir"), "latest")),
-        ("oci:/a:b/dir", ("oci", Path("/a:b/dir"), None)),
-        ("oci:/a:b/dir:t", ("oci", Path("/a:b/dir"), "t")),
-        ("oci:dir:", ("oci", Path("dir"), None)),
-        ("oci:dir:bad tag!", ("oci", Path("dir:bad tag!"), None)),
-        ("oci-archive:img.tar", ("oci-archive", Path("img.tar"), None)),
-        ("oci-archive:img.tar:sonoma", ("oci-archive", Path("img.tar"), "sonoma")),
-    ],
-)
-def test_parse_layout_location(s: str, expected: tuple[str, Path, str | None]) -> None:
-    assert parse_layout_location(s) == expected
-
-
-@pytest.mark.parametrize(
-    ("s", "reason"),
-    [
-        ("oci:", "the path is empty"),
-        ("oci::tag", "the path is empty"),
-        ("docker://x", "expected oci:PATH[:tag]"),
-        ("dir:tag", "expected oci:PATH[:tag]"),
-    ],
-)
-def test_parse_layout_location_invalid(s: str, reason: str) -> None:
-    with pytest.raises(UsageError) as info:
-        parse_layout_location(s)
-    assert reason in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ from barge.oci import (
     Unauthorized,
 )
 from barge.oci.auth import parse_challenge
-from clitest import opener, sha
-from registry_fixtures import RunningRegistry, push_image, put_blob
+from clitest import at, opener, sha
+from registries import RunningRegistry
+from seed import push_image, put_blob
 
 
 def fast(c: RegistryClient) -> RegistryClient:
@@ -39,8 +40,8 @@ def test_basic_auth_roundtrip(registry_basic: RunningRegistry, barge_home: Path)
     c = fast(RegistryClient(registry_basic.host, home=barge_home, credentials=creds))
     c.ping()
     data = os.urandom(10_000)
-    c.upload_blob("priv/a", sha(data), len(data), opener(data), chunk_size=4096)
-    assert c.read_blob("priv/a", sha(data), max_size=len(data)) == data
+    c.upload_blob(at(c, "priv/a"), sha(data), len(data), opener(data), chunk_size=4096)
+    assert c.read_blob(at(c, "priv/a"), sha(data), max_size=len(data)) == data
     assert c.auth.scheme == "basic"
 
 
@@ -49,7 +50,7 @@ def test_basic_auth_anonymous_gets_login_hint(
 ) -> None:
     c = fast(RegistryClient(registry_basic.host, home=barge_home))
     with pytest.raises(Unauthorized) as ei:
-        c.list_tags("priv/a")
+        c.list_tags(at(c, "priv/a"))
     assert isinstance(ei.value, AuthError)
     assert f"barge login {registry_basic.host}" in (ei.value.hint or "")
 
@@ -156,18 +157,18 @@ def test_token_auth_push_pull(registry_token: RunningRegistry, barge_home: Path)
     c.ping()
     data = os.urandom(100_000)
     d = sha(data)
-    c.upload_blob("team/app", d, len(data), opener(data), chunk_size=30_000)
-    assert c.read_blob("team/app", d, max_size=len(data)) == data
+    c.upload_blob(at(c, "team/app"), d, len(data), opener(data), chunk_size=30_000)
+    assert c.read_blob(at(c, "team/app"), d, max_size=len(data)) == data
     assert c.auth.scheme == "bearer"
     # tokens are cached per scope: one for ping, one for push, one for pull at most
     n = len(ts.requests)
     for _ in range(5):
-        assert c.blob_exists("team/app", d) == len(data)
+        assert c.blob_exists(at(c, "team/app"), d) == len(data)
     assert len(ts.requests) == n
     scopes = [s for _u, ss in ts.requests for s in ss]
     assert "repository:team/app:pull,push" in scopes
     # mount needs pull on the source too: both scopes in one token request
-    assert c.mount_blob("team/other", d, "team/app") is True
+    assert c.mount_blob(at(c, "team/other"), d, at(c, "team/app")) is True
     assert any(
         "repository:team/other:pull,push" in ss and "repository:team/app:pull" in ss
         for _u, ss in ts.requests
@@ -179,10 +180,10 @@ def test_token_auth_pull_only_user_denied_push(
 ) -> None:
     put_blob(registry_token, "team/app", b"seed")
     puller = token_client(registry_token, barge_home, "puller")
-    assert puller.read_blob("team/app", sha(b"seed"), max_size=10) == b"seed"
+    assert puller.read_blob(at(puller, "team/app"), sha(b"seed"), max_size=10) == b"seed"
     data = b"not allowed"
     with pytest.raises(Denied) as ei:
-        puller.upload_blob("team/app", sha(data), len(data), opener(data))
+        puller.upload_blob(at(puller, "team/app"), sha(data), len(data), opener(data))
     assert "puller" in str(ei.value)
     assert "pull-password" not in str(ei.value)
 
@@ -192,7 +193,7 @@ def test_token_auth_anonymous_and_bad_password(
 ) -> None:
     anon = token_client(registry_token, barge_home, None)
     with pytest.raises(Unauthorized) as ei:
-        anon.list_tags("team/app")
+        anon.list_tags(at(anon, "team/app"))
     assert "barge login" in (ei.value.hint or "")
     bad = fast(
         RegistryClient(
@@ -220,9 +221,9 @@ def test_token_cache_expiry_and_refresh_on_401(
             credentials=CredentialStore.fixed("pusher", registry_token.users["pusher"]),
         )
     )
-    c.get_manifest("team/app", "v1")
+    c.get_manifest(at(c, "team/app", "v1"))
     n = len(ts.requests)
-    c.get_manifest("team/app", "v1")
+    c.get_manifest(at(c, "team/app", "v1"))
     assert len(ts.requests) == n  # cached
     # the registry revokes the token mid-operation: 401 with a fresh challenge
     challenge = (
@@ -235,17 +236,17 @@ def test_token_cache_expiry_and_refresh_on_401(
         status=401,
         headers={"WWW-Authenticate": challenge},
     )
-    assert c.get_manifest("team/app", "v1").digest == digest
+    assert c.get_manifest(at(c, "team/app", "v1")).digest == digest
     assert len(ts.requests) == n + 1
     # a short-lived token is renewed before it expires
     ts.expires_in = 1
     c.auth._tokens.clear()
-    c.get_manifest("team/app", "v1")
+    c.get_manifest(at(c, "team/app", "v1"))
     m = len(ts.requests)
     import time
 
     time.sleep(1.1)
-    c.get_manifest("team/app", "v1")
+    c.get_manifest(at(c, "team/app", "v1"))
     assert len(ts.requests) == m + 1
 
 
@@ -283,8 +284,8 @@ def test_tls_with_certs_d(registry_tls: RunningRegistry, barge_home: Path) -> No
     c.ping()
     assert c._transport.base_url().startswith("https://")
     data = os.urandom(5000)
-    c.upload_blob("tls/a", sha(data), len(data), opener(data))
-    assert c.read_blob("tls/a", sha(data), max_size=len(data)) == data
+    c.upload_blob(at(c, "tls/a"), sha(data), len(data), opener(data))
+    assert c.read_blob(at(c, "tls/a"), sha(data), max_size=len(data)) == data
 
 
 def test_tls_ssl_cert_file(
@@ -311,15 +312,15 @@ def test_ipv6_registry(registry_ipv6: RunningRegistry, barge_home: Path) -> None
     assert registry_ipv6.host.startswith("[::1]:")
     c = fast(RegistryClient(registry_ipv6.host, home=barge_home))
     data = os.urandom(20_000)
-    c.upload_blob("v6/a", sha(data), len(data), opener(data), chunk_size=8192)
-    assert c.read_blob("v6/a", sha(data), max_size=len(data)) == data
+    c.upload_blob(at(c, "v6/a"), sha(data), len(data), opener(data), chunk_size=8192)
+    assert c.read_blob(at(c, "v6/a"), sha(data), max_size=len(data)) == data
     digest, _ = push_image(registry_ipv6, "v6/img", "latest")
-    assert c.get_manifest("v6/img", "latest").digest == digest
+    assert c.get_manifest(at(c, "v6/img", "latest")).digest == digest
 
 
 def test_relative_locations(registry2: RunningRegistry, barge_home: Path) -> None:
     c = fast(RegistryClient(registry2.host, home=barge_home))
     data = os.urandom(70_000)
-    c.upload_blob("rel/a", sha(data), len(data), opener(data), chunk_size=20_000)
-    c.upload_blob("rel/b", sha(data + b"x"), len(data) + 1, opener(data + b"x"))
-    assert c.read_blob("rel/a", sha(data), max_size=len(data)) == data
+    c.upload_blob(at(c, "rel/a"), sha(data), len(data), opener(data), chunk_size=20_000)
+    c.upload_blob(at(c, "rel/b"), sha(data + b"x"), len(data) + 1, opener(data + b"x"))
+    assert c.read_blob(at(c, "rel/a"), sha(data), max_size=len(data)) == data

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from barge.cli import main
 from barge.errors import ExitCode
-from registry_fixtures import RunningRegistry, push_image
+from registries import RunningRegistry
+from seed import push_image
 
 
 def run(*args: str, input: str | None = None):  # type: ignore[no-untyped-def]
@@ -52,7 +53,7 @@ def test_login_prompts_and_rejects_bad_password(
 
 
 def test_login_unreachable(barge_home: Path) -> None:
-    from registry_fixtures import free_port
+    from registries import free_port
 
     host = f"127.0.0.1:{free_port()}"
     r = run("login", host, "-u", "x", "--password-stdin", input="y\n")

@@ -22,8 +22,9 @@ from barge.oci import (
     RegistryUnreachable,
 )
 from barge.oci.types import Descriptor, ImageManifest, Index
-from clitest import opener, sha
-from registry_fixtures import RunningRegistry, push_image, put_blob
+from clitest import at, opener, sha
+from registries import RunningRegistry
+from seed import push_image, put_blob
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def client(registry: RunningRegistry, barge_home: Path) -> RegistryClient:
 
 
 def test_registry_fixture_starts_fast(tmp_path: Path) -> None:
-    from registry_fixtures import start_registry
+    from registries import start_registry
 
     t = time.monotonic()
     reg = start_registry(tmp_path / "r")
@@ -51,26 +52,26 @@ def test_ping_and_blob_roundtrip(client: RegistryClient) -> None:
     client.ping()
     data = os.urandom(300_000)
     d = sha(data)
-    assert client.blob_exists("a/b", d) is None
-    client.upload_blob("a/b", d, len(data), opener(data))
-    assert client.blob_exists("a/b", d) == len(data)
-    with client.open_blob("a/b", d) as r:
+    assert client.blob_exists(at(client, "a/b"), d) is None
+    client.upload_blob(at(client, "a/b"), d, len(data), opener(data))
+    assert client.blob_exists(at(client, "a/b"), d) == len(data)
+    with client.open_blob(at(client, "a/b"), d) as r:
         got = r.read()
     assert got == data
-    assert client.read_blob("a/b", d, max_size=len(data)) == data
-    with client.open_blob("a/b", d, offset=1000, length=5000) as r:
+    assert client.read_blob(at(client, "a/b"), d, max_size=len(data)) == data
+    with client.open_blob(at(client, "a/b"), d, offset=1000, length=5000) as r:
         assert r.read() == data[1000:6000]
-    with client.open_blob("a/b", d, offset=299_990) as r:
+    with client.open_blob(at(client, "a/b"), d, offset=299_990) as r:
         assert r.read() == data[299_990:]
 
 
 def test_readinto_streams(client: RegistryClient) -> None:
     data = os.urandom(3 << 20)
     d = sha(data)
-    client.upload_blob("x/y", d, len(data), opener(data))
+    client.upload_blob(at(client, "x/y"), d, len(data), opener(data))
     buf = bytearray(1 << 16)
     out = bytearray()
-    with client.open_blob("x/y", d) as r:
+    with client.open_blob(at(client, "x/y"), d) as r:
         while n := r.readinto(buf):
             out += buf[:n]
     assert out == data
@@ -79,23 +80,23 @@ def test_readinto_streams(client: RegistryClient) -> None:
 def test_read_blob_limit(client: RegistryClient) -> None:
     data = b"x" * 1000
     d = sha(data)
-    client.upload_blob("x/y", d, len(data), opener(data))
+    client.upload_blob(at(client, "x/y"), d, len(data), opener(data))
     from barge.errors import LimitError
 
     with pytest.raises(LimitError):
-        client.read_blob("x/y", d, max_size=10)
+        client.read_blob(at(client, "x/y"), d, max_size=10)
 
 
 def test_missing_things(client: RegistryClient) -> None:
     d = sha(b"nope")
     with pytest.raises(BlobUnknown) as ei:
-        client.read_blob("a/b", d, max_size=100)
+        client.read_blob(at(client, "a/b"), d, max_size=100)
     assert isinstance(ei.value, NotFoundError)
     with pytest.raises(ManifestUnknown):
-        client.get_manifest("a/b", "latest")
-    assert client.head_manifest("a/b", "latest") is None
+        client.get_manifest(at(client, "a/b", "latest"))
+    assert client.head_manifest(at(client, "a/b", "latest")) is None
     with pytest.raises(NameUnknown):
-        client.list_tags("never/pushed")
+        client.list_tags(at(client, "never/pushed"))
 
 
 def test_chunked_upload(client: RegistryClient, registry: RunningRegistry) -> None:
@@ -103,45 +104,45 @@ def test_chunked_upload(client: RegistryClient, registry: RunningRegistry) -> No
     d = sha(data)
     seen: list[int] = []
     client.upload_blob(
-        "c/d", d, len(data), opener(data), chunk_size=256 * 1024, progress=seen.append
+        at(client, "c/d"), d, len(data), opener(data), chunk_size=256 * 1024, progress=seen.append
     )
     assert sum(seen) == len(data)
-    assert client.read_blob("c/d", d, max_size=len(data)) == data
+    assert client.read_blob(at(client, "c/d"), d, max_size=len(data)) == data
 
 
 def test_empty_blob(client: RegistryClient) -> None:
     d = sha(b"")
-    client.upload_blob("e/f", d, 0, opener(b""))
-    client.upload_blob("e/g", d, 0, opener(b""), chunk_size=1024)
-    assert client.blob_exists("e/f", d) == 0
-    assert client.read_blob("e/g", d, max_size=10) == b""
+    client.upload_blob(at(client, "e/f"), d, 0, opener(b""))
+    client.upload_blob(at(client, "e/g"), d, 0, opener(b""), chunk_size=1024)
+    assert client.blob_exists(at(client, "e/f"), d) == 0
+    assert client.read_blob(at(client, "e/g"), d, max_size=10) == b""
 
 
 def test_wrong_digest_upload_rejected(client: RegistryClient) -> None:
     data = b"hello world"
     with pytest.raises(IntegrityError):
-        client.upload_blob("a/b", sha(b"other"), len(data), opener(data))
+        client.upload_blob(at(client, "a/b"), sha(b"other"), len(data), opener(data))
 
 
 def test_manifests_and_tags(client: RegistryClient, registry: RunningRegistry) -> None:
     digest, raw = push_image(registry, "img/one", "v1")
-    m = client.get_manifest("img/one", "v1")
+    m = client.get_manifest(at(client, "img/one", "v1"))
     assert m.data == raw and m.digest == digest and m.media_type == OCI_MANIFEST
     img = m.image()
     assert len(img.layers) == 2
-    assert client.get_manifest("img/one", digest).data == raw
-    desc = client.head_manifest("img/one", "v1")
+    assert client.get_manifest(at(client, "img/one", digest)).data == raw
+    desc = client.head_manifest(at(client, "img/one", "v1"))
     assert desc == Descriptor(OCI_MANIFEST, digest, len(raw))
     # push the same bytes under more tags + an index
     for t in ("v2", "v3"):
-        assert client.put_manifest("img/one", t, raw, OCI_MANIFEST) == digest
+        assert client.put_manifest(at(client, "img/one", t), raw, OCI_MANIFEST) == digest
     idx = Index([Descriptor(OCI_MANIFEST, digest, len(raw))]).to_bytes()
-    idig = client.put_manifest("img/one", "multi", idx, OCI_INDEX)
-    got = client.get_manifest("img/one", "multi")
+    idig = client.put_manifest(at(client, "img/one", "multi"), idx, OCI_INDEX)
+    got = client.get_manifest(at(client, "img/one", "multi"))
     assert got.digest == idig and got.is_index and got.index().manifests[0].digest == digest
-    assert sorted(client.list_tags("img/one")) == ["multi", "v1", "v2", "v3"]
-    client.delete_manifest("img/one", idig)
-    assert client.head_manifest("img/one", idig) is None
+    assert sorted(client.list_tags(at(client, "img/one"))) == ["multi", "v1", "v2", "v3"]
+    client.delete_manifest(at(client, "img/one", idig))
+    assert client.head_manifest(at(client, "img/one", idig)) is None
     assert ImageManifest.from_json(json.loads(raw)).to_json()["layers"] == json.loads(raw)["layers"]
 
 
@@ -154,7 +155,7 @@ def test_tags_pagination(
     proxy.add(method="GET", path=r"/tags/list$", action="paginate", times=None)
     c = RegistryClient(proxy.host, home=barge_home)
     for i in range(1, 25):
-        c.put_manifest("many/tags", f"t{i:03d}", raw, OCI_MANIFEST)
+        c.put_manifest(at(c, "many/tags", f"t{i:03d}"), raw, OCI_MANIFEST)
     orig = c._request
 
     def first_page_small(method, path, **kw):  # type: ignore[no-untyped-def]
@@ -163,7 +164,7 @@ def test_tags_pagination(
         return orig(method, path, **kw)
 
     monkeypatch.setattr(c, "_request", first_page_small)
-    tags = c.list_tags("many/tags")
+    tags = c.list_tags(at(c, "many/tags"))
     assert tags == [f"t{i:03d}" for i in range(25)]
     assert proxy.count("GET", r"/tags/list$") == 5
 
@@ -171,14 +172,16 @@ def test_tags_pagination(
 def test_mount(client: RegistryClient, registry: RunningRegistry) -> None:
     data = os.urandom(1000)
     d = put_blob(registry, "src/repo", data)
-    assert client.mount_blob("dst/repo", d, "src/repo") is True
-    assert client.blob_exists("dst/repo", d) == 1000
-    assert client.mount_blob("dst/other", sha(b"missing"), "src/repo") is False
+    assert client.mount_blob(at(client, "dst/repo"), d, at(client, "src/repo")) is True
+    assert client.blob_exists(at(client, "dst/repo"), d) == 1000
+    assert (
+        client.mount_blob(at(client, "dst/other"), sha(b"missing"), at(client, "src/repo")) is False
+    )
 
 
 def test_referrers_unsupported(client: RegistryClient, registry: RunningRegistry) -> None:
     digest, _ = push_image(registry, "ref/a", "v1")
-    assert client.referrers("ref/a", digest) is None
+    assert client.referrers(at(client, "ref/a", digest)) is None
 
 
 def test_corrupted_blob_raises_digest_mismatch(
@@ -191,21 +194,21 @@ def test_corrupted_blob_raises_digest_mismatch(
     corrupted[100_000] ^= 0xFF
     path.write_bytes(bytes(corrupted))
     with pytest.raises(DigestMismatch) as ei:
-        client.read_blob("bad/blob", d, max_size=len(data))
+        client.read_blob(at(client, "bad/blob"), d, max_size=len(data))
     assert d in str(ei.value) and isinstance(ei.value, IntegrityError)
-    with pytest.raises(DigestMismatch), client.open_blob("bad/blob", d) as r:
+    with pytest.raises(DigestMismatch), client.open_blob(at(client, "bad/blob"), d) as r:
         while r.read(65536):
             pass
     # a caller that reads exactly the known size (never asking for EOF) is protected too
     buf = bytearray(len(data))
-    with pytest.raises(DigestMismatch), client.open_blob("bad/blob", d) as r:
+    with pytest.raises(DigestMismatch), client.open_blob(at(client, "bad/blob"), d) as r:
         got = 0
         while got < len(data):
             got += r.readinto(memoryview(buf)[got:])
 
 
 def test_connection_refused_message(barge_home: Path) -> None:
-    from registry_fixtures import free_port
+    from registries import free_port
 
     port = free_port()
     c = RegistryClient(f"127.0.0.1:{port}", home=barge_home)
@@ -224,8 +227,8 @@ def test_threads_share_client(client: RegistryClient) -> None:
 
     def work(data: bytes) -> bool:
         d = sha(data)
-        client.upload_blob("t/par", d, len(data), opener(data), chunk_size=20_000)
-        return client.read_blob("t/par", d, max_size=len(data)) == data
+        client.upload_blob(at(client, "t/par"), d, len(data), opener(data), chunk_size=20_000)
+        return client.read_blob(at(client, "t/par"), d, max_size=len(data)) == data
 
     with ThreadPoolExecutor(6) as ex:
         assert all(ex.map(work, blobs))

@@ -18,8 +18,11 @@ from barge.oci import (
     TooManyRequests,
 )
 from barge.oci.errors import error_from_response
-from clitest import opener, sha
-from registry_fixtures import FaultProxy, RedirectSetup, RunningRegistry, push_image, put_blob
+from barge.oci.uploads import Upload
+from clitest import at, opener, sha
+from faultproxy import FaultProxy, RedirectSetup
+from registries import RunningRegistry
+from seed import push_image, put_blob
 
 
 @pytest.fixture
@@ -54,7 +57,7 @@ def test_download_survives_resets_truncation_and_5xx(
         headers={"Retry-After": "0"},
         times=1,
     )
-    assert c.read_blob("f/a", d, max_size=len(data)) == data
+    assert c.read_blob(at(c, "f/a"), d, max_size=len(data)) == data
     gets = proxy.count("GET", BLOB_GET)
     assert gets == 6
     # resumed with Range: far fewer bytes than refetching whole each time
@@ -75,7 +78,7 @@ def test_retry_after_honoured(
         times=1,
     )
     t = time.monotonic()
-    assert c.get_manifest("f/img", "v1").digest == digest
+    assert c.get_manifest(at(c, "f/img", "v1")).digest == digest
     assert time.monotonic() - t >= 0.9
 
 
@@ -85,14 +88,14 @@ def test_persistent_5xx_gives_up_bounded(proxied: tuple[FaultProxy, RegistryClie
     c.retry.attempts = 4
     t = time.monotonic()
     with pytest.raises(RegistryResponseError) as ei:
-        c.get_manifest("f/img", "v1")
+        c.get_manifest(at(c, "f/img", "v1"))
     assert ei.value.status == 500
     assert proxy.count("GET", "/manifests/") == 4
     assert time.monotonic() - t < 5
     proxy.clear()
     proxy.add(method="GET", path="/manifests/", action="status", status=429, times=None)
     with pytest.raises(TooManyRequests):
-        c.get_manifest("f/img", "v1")
+        c.get_manifest(at(c, "f/img", "v1"))
 
 
 def test_monolithic_upload_survives_faults(
@@ -105,9 +108,9 @@ def test_monolithic_upload_survives_faults(
     proxy.add(method="PUT", path=UPLOADS, action="reset", after_request_bytes=600_000, times=1)
     proxy.add(method="PUT", path=UPLOADS, action="status", status=500, times=1)
     seen: list[int] = []
-    c.upload_blob("f/up", d, len(data), opener(data), progress=seen.append)
+    c.upload_blob(at(c, "f/up"), d, len(data), opener(data), progress=seen.append)
     assert sum(seen) == len(data)
-    assert c.read_blob("f/up", d, max_size=len(data)) == data
+    assert c.read_blob(at(c, "f/up"), d, max_size=len(data)) == data
 
 
 def test_chunked_upload_resumes_from_server_offset(
@@ -122,7 +125,7 @@ def test_chunked_upload_resumes_from_server_offset(
     calls: list[int] = []
     seen: list[int] = []
     c.upload_blob(
-        "f/ch", d, len(data), opener(data, calls), chunk_size=200_000, progress=seen.append
+        at(c, "f/ch"), d, len(data), opener(data, calls), chunk_size=200_000, progress=seen.append
     )
     assert sum(seen) == len(data)
     # resumed in the same session (one POST), asked the server where it was (GET)
@@ -130,7 +133,7 @@ def test_chunked_upload_resumes_from_server_offset(
     assert proxy.count("GET", UPLOADS) == 2
     assert proxy.request_bytes("PATCH", UPLOADS) == len(data)  # nothing sent twice
     assert calls == [0, 200_000, 400_000, 400_000, 600_000, 800_000, 800_000]
-    assert c.read_blob("f/ch", d, max_size=len(data)) == data
+    assert c.read_blob(at(c, "f/ch"), d, max_size=len(data)) == data
 
 
 def test_chunked_upload_mid_body_reset(proxied: tuple[FaultProxy, RegistryClient]) -> None:
@@ -142,25 +145,29 @@ def test_chunked_upload_mid_body_reset(proxied: tuple[FaultProxy, RegistryClient
         method="PATCH", path=UPLOADS, action="reset", after_request_bytes=100_000, skip=1, times=1
     )
     seen: list[int] = []
-    c.upload_blob("f/mid", d, len(data), opener(data), chunk_size=300_000, progress=seen.append)
+    c.upload_blob(
+        at(c, "f/mid"), d, len(data), opener(data), chunk_size=300_000, progress=seen.append
+    )
     assert sum(seen) == len(data)
-    assert c.read_blob("f/mid", d, max_size=len(data)) == data
+    assert c.read_blob(at(c, "f/mid"), d, max_size=len(data)) == data
 
 
-def test_chunk_min_length_honoured(registry: RunningRegistry, make_proxy, barge_home: Path) -> None:
+def test_chunk_min_length_honoured(
+    registry: RunningRegistry, make_proxy, barge_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     proxy = make_proxy(registry)
     c = RegistryClient(proxy.host, home=barge_home)
     data = os.urandom(100_000)
 
     # the proxy cannot add headers to forwarded answers, so check the arithmetic directly
-    orig = c._start_upload
+    orig = Upload._open_session
 
-    def start(repo: str, **kw):  # type: ignore[no-untyped-def]
-        loc, _ = orig(repo, **kw)
+    def start(self: Upload) -> tuple[str, int]:
+        loc, _ = orig(self)
         return loc, 40_000
 
-    c._start_upload = start  # type: ignore[method-assign]
-    c.upload_blob("f/min", sha(data), len(data), opener(data), chunk_size=1000)
+    monkeypatch.setattr(Upload, "_open_session", start)
+    c.upload_blob(at(c, "f/min"), sha(data), len(data), opener(data), chunk_size=1000)
     assert proxy.count("PATCH", UPLOADS) == 3
 
 
@@ -172,7 +179,7 @@ def test_existing_blob_skips_upload_after_ambiguous_put(
     d = sha(data)
     # the registry stores the blob, but the answer is lost: must not upload again
     proxy.add(method="PUT", path=UPLOADS, action="reset", forward=True, times=1)
-    c.upload_blob("f/amb", d, len(data), opener(data))
+    c.upload_blob(at(c, "f/amb"), d, len(data), opener(data))
     assert proxy.count("PUT", UPLOADS) == 1
     assert proxy.count("POST", UPLOADS) == 1
     assert proxy.request_bytes("*", UPLOADS) == len(data)
@@ -198,8 +205,8 @@ def test_redirect_strips_authorization(redirect_setup: RedirectSetup, barge_home
         credentials=CredentialStore.fixed(reg.username or "", reg.password or ""),
     )
     c.retry.base = 0.01
-    assert c.read_blob("priv/r", d, max_size=len(data)) == data
-    with c.open_blob("priv/r", d, offset=1000, length=10) as r:
+    assert c.read_blob(at(c, "priv/r"), d, max_size=len(data)) == data
+    with c.open_blob(at(c, "priv/r"), d, offset=1000, length=10) as r:
         assert r.read() == data[1000:1010]
     redirected = [e for e in redirect_setup.proxy.log if e.status == 307]
     assert len(redirected) == 2 and all("Authorization" in e.headers for e in redirected)

@@ -29,8 +29,9 @@ import urllib3
 from barge.errors import RegistryError
 from barge.oci import CredentialStore, RegistryClient, RegistryUnreachable
 from barge.oci.transport import Transport
-from clitest import opener, sha
-from registry_fixtures import RunningRegistry, push_image, put_blob
+from clitest import at, opener, sha
+from registries import RunningRegistry
+from seed import push_image, put_blob
 
 THREADS = 6
 ROUNDS = 12
@@ -88,39 +89,42 @@ def test_every_kind_of_answer_leaves_the_pool_clean(
     missing = sha(b"not there")
 
     steps: list[tuple[str, Any]] = [
-        ("HEAD blob present", lambda: c.blob_exists("s/a", d_big)),
-        ("HEAD blob missing", lambda: c.blob_exists("s/a", missing)),
-        ("HEAD manifest", lambda: c.head_manifest("s/a", "v1")),
-        ("GET manifest", lambda: c.get_manifest("s/a", "v1")),
-        ("GET tags", lambda: c.list_tags("s/a")),
-        ("ranged read", lambda: c.open_blob("s/a", d_big, offset=1000, length=10).read()),
-        ("whole read", lambda: c.read_blob("s/a", d_big, max_size=len(big))),
-        ("mount 202 fallback", lambda: c.mount_blob("s/b", d_big, "nowhere/x")),
-        ("mount 201", lambda: c.mount_blob("s/b", d_big, "s/a")),
-        ("upload", lambda: c.upload_blob("s/c", sha(b"x" * 5000), 5000, opener(b"x" * 5000))),
+        ("HEAD blob present", lambda: c.blob_exists(at(c, "s/a"), d_big)),
+        ("HEAD blob missing", lambda: c.blob_exists(at(c, "s/a"), missing)),
+        ("HEAD manifest", lambda: c.head_manifest(at(c, "s/a", "v1"))),
+        ("GET manifest", lambda: c.get_manifest(at(c, "s/a", "v1"))),
+        ("GET tags", lambda: c.list_tags(at(c, "s/a"))),
+        ("ranged read", lambda: c.open_blob(at(c, "s/a"), d_big, offset=1000, length=10).read()),
+        ("whole read", lambda: c.read_blob(at(c, "s/a"), d_big, max_size=len(big))),
+        ("mount 202 fallback", lambda: c.mount_blob(at(c, "s/b"), d_big, at(c, "nowhere/x"))),
+        ("mount 201", lambda: c.mount_blob(at(c, "s/b"), d_big, at(c, "s/a"))),
+        (
+            "upload",
+            lambda: c.upload_blob(at(c, "s/c"), sha(b"x" * 5000), 5000, opener(b"x" * 5000)),
+        ),
         (
             "chunked upload",
             lambda: c.upload_blob(
-                "s/c", sha(b"y" * 5000), 5000, opener(b"y" * 5000), chunk_size=1024
+                at(c, "s/c"), sha(b"y" * 5000), 5000, opener(b"y" * 5000), chunk_size=1024
             ),
         ),
         ("ping", c.ping),
     ]
 
     def early_close() -> None:
-        r = c.open_blob("s/a", d_big)
+        r = c.open_blob(at(c, "s/a"), d_big)
         assert len(r.read(100)) == 100
         r.close()
 
     def failing_head() -> None:
         # an error answer to a HEAD: the exception's traceback keeps the response alive
         with pytest.raises(RegistryError) as ei:
-            c.blob_exists("s/a", "sha256:" + "z" * 64)
+            c.blob_exists(at(c, "s/a"), "sha256:" + "z" * 64)
         kept.append(ei.value)
 
     def failing_get() -> None:
         with pytest.raises(RegistryError) as ei:
-            c.get_manifest("s/a", "nope")
+            c.get_manifest(at(c, "s/a", "nope"))
         kept.append(ei.value)
 
     steps += [
@@ -133,8 +137,8 @@ def test_every_kind_of_answer_leaves_the_pool_clean(
             step()
             assert unfinished_idle_connections(c) == 0, f"after {name}"
             # the next request reuses the pooled connection: it must work at the first try
-            assert c.blob_exists("s/a", d_big) == len(big), f"after {name}"
-    assert c.get_manifest("s/a", mdigest).data == mdata
+            assert c.blob_exists(at(c, "s/a"), d_big) == len(big), f"after {name}"
+    assert c.get_manifest(at(c, "s/a", mdigest)).data == mdata
 
 
 def test_one_client_many_threads(
@@ -156,22 +160,24 @@ def test_one_client_many_threads(
                     return
                 k = rnd.randrange(len(blobs))
                 data, d = blobs[k], digests[k]
-                assert c.blob_exists("t/src", d) == len(data)
-                assert c.blob_exists("t/src", sha(b"%d-%d" % (n, i))) is None
+                assert c.blob_exists(at(c, "t/src"), d) == len(data)
+                assert c.blob_exists(at(c, "t/src"), sha(b"%d-%d" % (n, i))) is None
                 off = rnd.randrange(len(data))
-                with c.open_blob("t/src", d, offset=off, length=min(50, len(data) - off)) as r:
+                with c.open_blob(
+                    at(c, "t/src"), d, offset=off, length=min(50, len(data) - off)
+                ) as r:
                     assert r.read() == data[off : off + 50]
-                with c.open_blob("t/src", d) as r:  # closed early, unless tiny
+                with c.open_blob(at(c, "t/src"), d) as r:  # closed early, unless tiny
                     r.read(10)
-                assert c.read_blob("t/src", d, max_size=len(data)) == data
-                assert not c.mount_blob(f"t/dst{n}", sha(b"absent %d" % i), "t/src")
-                assert c.mount_blob(f"t/dst{n}", d, "t/src")
+                assert c.read_blob(at(c, "t/src"), d, max_size=len(data)) == data
+                assert not c.mount_blob(at(c, f"t/dst{n}"), sha(b"absent %d" % i), at(c, "t/src"))
+                assert c.mount_blob(at(c, f"t/dst{n}"), d, at(c, "t/src"))
                 own = b"%d:%d:" % (n, i) + data[:3000]
                 chunk = 1024 if i % 2 else None
-                c.upload_blob(f"t/up{n}", sha(own), len(own), opener(own), chunk_size=chunk)
-                assert c.head_manifest("t/src", "v1") is not None
+                c.upload_blob(at(c, f"t/up{n}"), sha(own), len(own), opener(own), chunk_size=chunk)
+                assert c.head_manifest(at(c, "t/src", "v1")) is not None
                 with pytest.raises(RegistryError):
-                    c.blob_exists("t/src", "sha256:" + "z" * 64)
+                    c.blob_exists(at(c, "t/src"), "sha256:" + "z" * 64)
                 counts[n] += 1
         except BaseException as e:  # reported below
             errors.append(e)
@@ -203,8 +209,8 @@ def test_broken_pooled_connection_is_a_retried_connection_error(
     leak = pm.request("HEAD", f"{base}/v2/b/r/blobs/{d}", preload_content=False, retries=False)
     leak.release_conn()
     assert unfinished_idle_connections(c) == 1
-    assert c.blob_exists("b/r", d) == len(data)  # one immediate retry, new connection
-    assert c.read_blob("b/r", d, max_size=len(data)) == data
+    assert c.blob_exists(at(c, "b/r"), d) == len(data)  # one immediate retry, new connection
+    assert c.read_blob(at(c, "b/r"), d, max_size=len(data)) == data
     del leak
 
     # "I/O operation on closed file" from urllib3 tearing a connection down
@@ -219,18 +225,18 @@ def test_broken_pooled_connection_is_a_retried_connection_error(
         return real(self, method, url, **kw)
 
     monkeypatch.setattr(urllib3.PoolManager, "request", flaky)
-    assert c.blob_exists("b/r", d) == len(data)
+    assert c.blob_exists(at(c, "b/r"), d) == len(data)
     failures["left"] = 10**6
     with pytest.raises(RegistryUnreachable):  # never a raw ValueError
-        c.blob_exists("b/r", d)
+        c.blob_exists(at(c, "b/r"), d)
     with pytest.raises(RegistryUnreachable):
-        c.open_blob("b/r", d)
+        c.open_blob(at(c, "b/r"), d)
     with pytest.raises(RegistryUnreachable):
-        c.upload_blob("b/r", sha(b"q"), 1, opener(b"q"))
+        c.upload_blob(at(c, "b/r"), sha(b"q"), 1, opener(b"q"))
     # an upload step (the PUT of a monolithic upload) is not replayed blindly: the existing
     # restart rules apply (HEAD, then a fresh session), within the retry budget
     c.retry.attempts = 2
     methods, failures["left"] = {"PUT"}, 1
-    c.upload_blob("b/r", sha(b"q"), 1, opener(b"q"))
+    c.upload_blob(at(c, "b/r"), sha(b"q"), 1, opener(b"q"))
     assert failures["left"] == 0
-    assert c.blob_exists("b/r", sha(b"q")) == 1
+    assert c.blob_exists(at(c, "b/r"), sha(b"q")) == 1

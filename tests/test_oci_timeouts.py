@@ -22,8 +22,10 @@ from barge.oci.errors import RegistryUnreachable, TooManyRequests
 from barge.oci.retry import Budget, RetryPolicy
 from barge.oci.settings import settings_for
 from barge.store import Store
-from clitest import opener, sha, sha256_file
-from registry_fixtures import FaultProxy, RunningRegistry, put_blob
+from clitest import at, opener, sha, sha256_file
+from faultproxy import FaultProxy
+from registries import RunningRegistry
+from seed import put_blob
 
 MiB = 1 << 20
 BLOBS = r"/blobs/sha256:"
@@ -64,7 +66,7 @@ def pushed(
     code, err, _ = run("push", "vm", f"{registry.host}/t/vm:v1", "--chunk-size", "4M", "-q")
     assert code == 0, err
     c = client(registry.host, barge_home)
-    manifest = json.loads(c.get_manifest("t/vm", "v1").data)
+    manifest = json.loads(c.get_manifest(at(c, "t/vm", "v1")).data)
     yield "t/vm:v1", disk, manifest
 
 
@@ -125,7 +127,7 @@ def test_slow_but_moving_download_is_not_a_stall(
     c = client(proxy.host, barge_home, stall_timeout=0.5, retry_timeout=1.5)
     c.retry.attempts = 2
     t = time.monotonic()
-    assert c.read_blob("s/slow", d, max_size=len(data)) == data
+    assert c.read_blob(at(c, "s/slow"), d, max_size=len(data)) == data
     assert proxy.count("GET", d) == 6
     # 5 stalls of 0.5 s: more than the retry budget and the attempts cap, yet never given
     # up, because each attempt moved the transfer on
@@ -141,7 +143,7 @@ def test_download_retries_never_give_up_while_moving(
     proxy.add(method="GET", path=d, action="truncate", keep=200_000, times=None)
     c = client(proxy.host, barge_home)
     c.retry.attempts = 3  # a fixed count of failures would end this after 3 breaks
-    assert c.read_blob("s/trunc", d, max_size=len(data)) == data
+    assert c.read_blob(at(c, "s/trunc"), d, max_size=len(data)) == data
     assert proxy.count("GET", d) == 13
 
 
@@ -169,7 +171,7 @@ def test_registry_not_taking_an_upload_is_a_stall(
     c = client(proxy.host, barge_home, connect_timeout=60, stall_timeout=2, retry_timeout=4)
     t = time.monotonic()
     with pytest.raises(RegistryTimeout) as ei:
-        c.upload_blob("s/up", sha(data), len(data), opener(data), chunk_size=len(data))
+        c.upload_blob(at(c, "s/up"), sha(data), len(data), opener(data), chunk_size=len(data))
     assert time.monotonic() - t < 20
     assert deaf.fired >= 1
     # the error names the last wait that ran out: the PATCH, or (on a loaded host) the status
@@ -202,7 +204,7 @@ def test_operation_deadline(
     c = client(proxy.host, barge_home, stall_timeout=0.5, timeout=1.2)
     t = time.monotonic()
     with pytest.raises(RegistryTimeout) as ei:
-        c.read_blob("s/deadline", d, max_size=len(data))
+        c.read_blob(at(c, "s/deadline"), d, max_size=len(data))
     assert "allowed for this operation ran out" in str(ei.value) or "--timeout ran out" in str(
         ei.value
     )
@@ -254,12 +256,12 @@ def test_streamed_upload_lost_put_answer_asks_before_a_new_session(
     # the closing PUT reaches the registry; its answer never comes back
     proxy.add(method="PUT", path=UPLOADS, action="reset", forward=True, times=1)
     c = client(proxy.host, barge_home)
-    digest, size = c.upload_stream("u/lost", lambda: iter([data[:300_000], data[300_000:]]))
+    digest, size = c.upload_stream(at(c, "u/lost"), lambda: iter([data[:300_000], data[300_000:]]))
     assert (digest, size) == (sha(data), len(data))
     assert proxy.count("POST", UPLOADS) == 1  # no second session
     assert proxy.count("HEAD", re.escape(digest)) == 1  # asked first
     assert proxy.request_bytes("PATCH", UPLOADS) == len(data)  # nothing sent twice
-    assert c.read_blob("u/lost", digest, max_size=len(data)) == data
+    assert c.read_blob(at(c, "u/lost"), digest, max_size=len(data)) == data
 
 
 def test_chunked_upload_budget_counts_failures_without_progress_only(
@@ -271,12 +273,12 @@ def test_chunked_upload_budget_counts_failures_without_progress_only(
     proxy.add(method="PATCH", path=UPLOADS, action="chaos", chance=0.3, kinds=("503",), times=None)
     c = client(proxy.host, barge_home)
     c.retry.attempts = 4
-    c.upload_blob("u/budget", sha(data), len(data), opener(data), chunk_size=25_000)
+    c.upload_blob(at(c, "u/budget"), sha(data), len(data), opener(data), chunk_size=25_000)
     failed = proxy.faults.get("503", 0)
     assert failed > 2 * c.retry.attempts  # more failures than any fixed count would allow
     assert proxy.count("POST", UPLOADS) == 1  # all in one session
     assert proxy.request_bytes("PATCH", UPLOADS) == len(data)
-    assert c.read_blob("u/budget", sha(data), max_size=len(data)) == data
+    assert c.read_blob(at(c, "u/budget"), sha(data), max_size=len(data)) == data
 
 
 def test_patch_429_retry_after_is_honoured_in_the_same_session(
@@ -295,7 +297,7 @@ def test_patch_429_retry_after_is_honoured_in_the_same_session(
     )
     c = client(proxy.host, barge_home)
     t = time.monotonic()
-    c.upload_blob("u/429", sha(data), len(data), opener(data), chunk_size=100_000)
+    c.upload_blob(at(c, "u/429"), sha(data), len(data), opener(data), chunk_size=100_000)
     assert time.monotonic() - t >= 0.9
     assert proxy.count("POST", UPLOADS) == 1
     assert proxy.request_bytes("PATCH", UPLOADS) == len(data)
@@ -391,12 +393,3 @@ def test_budget_retry_after_beyond_the_budget_says_so() -> None:
     b2 = budget(clock, retry_timeout=30)
     b2.retry(TooManyRequests("r: w: HTTP 429", retry_after=7.0))
     assert clock.slept == [7.0]
-
-
-def test_settings_layers() -> None:
-    hosts = {"*.example.com": {"stall_timeout": 60}, "r.example.com": {"retry_timeout": 5}}
-    s = settings_for("r.example.com", hosts=hosts, environ={})
-    assert (s.stall_timeout, s.retry_timeout, s.connect_timeout) == (60, 5, 10)
-    s = settings_for("r.example.com", hosts=hosts, environ={"BARGE_STALL_TIMEOUT": "7s"})
-    assert s.stall_timeout == 7
-    assert settings_for("other", hosts=hosts, environ={}).stall_timeout == 30

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from barge.oci.retry import Budget, RetryPolicy
 from barge.oci.settings import HostSettings
-from barge.oci.uploads import Produced, _Progress
+from barge.oci.upload_sources import Produced, Progress
 from clitest import sha
 
 # take n bytes; seek to n; step back n bytes (a retry of the piece just sent, or part of it);
@@ -48,7 +48,7 @@ def test_produced_source_matches_the_blob(data: bytes, cuts: list[int], steps: l
             src.seek(off)
             assert src.position == off
         else:
-            assert b"".join(src.pieces(_Progress(None, budget))) == data[start:]
+            assert b"".join(src.pieces(Progress(None, budget))) == data[start:]
     start = src.position
     assert src.take(len(data) + 1) == data[start:]
     assert src.take(1) == b""

@@ -21,7 +21,7 @@ from barge.pull import Puller, pull
 from barge.push import PushOptions, push
 from barge.store import Store
 from clitest import sha256_file
-from registry_fixtures import RunningRegistry
+from registries import RunningRegistry
 
 MiB = 1 << 20
 SMALL = PushOptions(chunk_size=4 * MiB, frame_size=1 * MiB)

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from barge.store import Store
 from clitest import barge, sha256_file
 from pullcases import Case, DiskSpec, Edit, Tamper, Target, Version, run_case
-from registry_fixtures import RunningRegistry
+from registries import RunningRegistry
 
 KiB = 1024
 MiB = 1 << 20

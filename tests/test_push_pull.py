@@ -25,7 +25,9 @@ from barge.pull import PullOptions, pull
 from barge.push import PushOptions, push
 from barge.store import Store
 from clitest import barge, sha256_file
-from registry_fixtures import FaultProxy, RunningRegistry, put_manifest
+from faultproxy import FaultProxy
+from registries import RunningRegistry
+from seed import put_manifest
 
 MiB = 1 << 20
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import assume, given, settings
@@ -10,10 +13,18 @@ from hypothesis import strategies as st
 
 from barge.errors import ExitCode, UsageError
 from barge.reference import (
+    LAYOUT_KINDS,
+    LayoutReference,
     Reference,
     ReferenceError,
+    Registry,
+    is_layout,
+    layout_key,
     looks_like_reference,
     parse,
+    parse_layout,
+    parse_location,
+    parse_registry,
     parse_repository,
     validate_digest,
     validate_tag,
@@ -339,3 +350,127 @@ def test_arbitrary_text_parses_or_raises_reference_error(s: str) -> None:
         assert str(e).startswith("invalid reference ")
     else:
         assert parse(str(r)) == r
+
+
+# ---------------------------------------------------------------------------------------------
+# OCI layout locations (oci:PATH[:tag], oci-archive:FILE[:tag])
+
+
+@pytest.mark.parametrize(
+    ("s", "expected"),
+    [
+        ("oci:dir", ("oci", Path("dir"), None)),
+        ("oci:dir:v1", ("oci", Path("dir"), "v1")),
+        ("oci:/abs/path/dir:latest", ("oci", Path("/abs/path/dir"), "latest")),
+        ("oci:/a:b/dir", ("oci", Path("/a:b/dir"), None)),
+        ("oci:/a:b/dir:t", ("oci", Path("/a:b/dir"), "t")),
+        ("oci:dir:", ("oci", Path("dir"), None)),
+        ("oci:dir:bad tag!", ("oci", Path("dir:bad tag!"), None)),
+        ("oci-archive:img.tar", ("oci-archive", Path("img.tar"), None)),
+        ("oci-archive:img.tar:sonoma", ("oci-archive", Path("img.tar"), "sonoma")),
+    ],
+)
+def test_parse_layout(s: str, expected: tuple[str, Path, str | None]) -> None:
+    loc = parse_layout(s)
+    assert (loc.kind, loc.path, loc.tag) == expected
+    assert parse_location(s) == loc
+
+
+@pytest.mark.parametrize(
+    ("s", "reason"),
+    [
+        ("oci:", "the path is empty"),
+        ("oci::tag", "the path is empty"),
+        ("docker://x", "expected oci:PATH[:tag]"),
+        ("dir:tag", "expected oci:PATH[:tag]"),
+    ],
+)
+def test_parse_layout_invalid(s: str, reason: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_layout(s)
+    assert reason in str(info.value)
+
+
+def test_layout_reference() -> None:
+    loc = parse_layout("oci-archive:img.tar:sonoma")
+    assert loc == LayoutReference("oci-archive", Path("img.tar"), "sonoma")
+    assert loc.archive and loc.ref == "sonoma" and str(loc) == "oci-archive:img.tar:sonoma"
+    assert loc.key == os.path.abspath("img.tar")
+    assert loc.without_tag().ref == "latest" and str(loc.without_tag()) == "oci-archive:img.tar"
+    assert loc.with_tag("v2").tag == "v2"
+    assert layout_key("a/./b/../c/") == os.path.abspath("a/c")
+    assert LAYOUT_KINDS == ("oci", "oci-archive")
+    for bad in (
+        lambda: LayoutReference("oci", Path("d"), "bad tag"),
+        lambda: LayoutReference("oci", Path("a\0b")),
+        lambda: loc.with_tag("-x"),
+    ):
+        with pytest.raises(ReferenceError):
+            bad()
+    assert isinstance(parse_location("ghcr.io/a/b:1"), Reference)
+    assert is_layout("oci:x") and not is_layout("ocix:y")
+
+
+# ---------------------------------------------------------------------------------------------
+# registry hosts: split once
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "hostname", "port", "api_name"),
+    [
+        ("ghcr.io", "ghcr.io", "ghcr.io", None, "ghcr.io"),
+        ("localhost:05000", "localhost:5000", "localhost", 5000, "localhost:5000"),
+        ("[::1]:5000", "[::1]:5000", "::1", 5000, "[::1]:5000"),
+        ("127.0.0.1:80", "127.0.0.1:80", "127.0.0.1", 80, "127.0.0.1:80"),
+        ("index.docker.io", "docker.io", "docker.io", None, "registry-1.docker.io"),
+        ("docker.io", "docker.io", "docker.io", None, "registry-1.docker.io"),
+        ("https://r.example.com:8443/v1/", "r.example.com:8443", "r.example.com", 8443, None),
+    ],
+)
+def test_registry_split_once(
+    text: str, name: str, hostname: str, port: int | None, api_name: str | None
+) -> None:
+    r = parse_registry(text, url=True)
+    assert (r.name, r.hostname, r.port, str(r)) == (name, hostname, port, name)
+    assert r.api_name == (api_name or name)
+    assert r == Registry(name)
+
+
+def test_registry_invalid() -> None:
+    for text, reason in [
+        ("", "missing registry host"),
+        ("https://", "missing registry host"),
+        ("foo", "must be 'localhost', an IP address, or contain"),
+        ("host:0", "out of range"),
+        ("[::1", "closing ']'"),
+        ("a..b", "empty label"),
+    ]:
+        with pytest.raises(ReferenceError, match=re.escape(reason)):
+            parse_registry(text, url=True)
+    with pytest.raises(ReferenceError):
+        parse_registry("https://r.example.com")  # a URL only where it is allowed
+
+
+@pytest.mark.parametrize(
+    ("name", "loopback"),
+    [
+        ("localhost:5000", True),
+        ("a.localhost", True),
+        ("127.1.2.3:5000", True),
+        ("[::1]:5000", True),
+        ("10.0.0.1:5000", False),
+        ("ghcr.io", False),
+    ],
+)
+def test_registry_loopback(name: str, loopback: bool) -> None:
+    assert Registry(name).is_loopback is loopback
+
+
+def test_reference_scope_and_host() -> None:
+    r = parse("[::1]:5000/team/vm:v1")
+    assert r.registry_host == Registry("[::1]:5000")
+    assert (r.host, r.port) == ("::1", 5000)
+    assert r.scope("pull") == "repository:team/vm:pull"
+    assert r.scope("pull", "push") == "repository:team/vm:pull,push"
+    assert r.same_repository(parse("[::1]:5000/team/vm@" + SHA))
+    assert not r.same_repository(parse("[::1]:5001/team/vm"))

@@ -15,7 +15,8 @@ from barge.push import push
 from barge.store import Store
 from barge.verify import verify
 from clitest import barge
-from registry_fixtures import RunningRegistry, push_image, put_manifest
+from registries import RunningRegistry
+from seed import push_image, put_manifest
 from test_copy_registry import SMALL, make_vm
 
 

@@ -15,7 +15,7 @@ from barge.copy import copy
 from barge.pull import pull
 from barge.push import push
 from barge.store import Store
-from registry_fixtures import RunningRegistry
+from registries import RunningRegistry
 from test_copy_registry import SMALL, barge, make_vm, sha256_file, skopeo_digest
 from vmimages import push_tart, vector_chunks
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from registry_fixtures import RunningRegistry, start_registry
+from registries import RunningRegistry, start_registry
 from soakfixtures import (
     KILL_FRAME,
     SCALE,

@@ -20,7 +20,8 @@ from barge.formats import vetu as vetufmt
 from barge.pull import pull
 from barge.store import Store
 from clitest import barge, sha
-from registry_fixtures import OCI_CONFIG, OCI_MANIFEST, RunningRegistry, put_blob, put_manifest
+from registries import RunningRegistry
+from seed import OCI_CONFIG, OCI_MANIFEST, put_blob, put_manifest
 from vmimages import (
     TartChunk,
     push_tart,

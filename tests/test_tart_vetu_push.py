@@ -24,7 +24,8 @@ from barge.pull import pull
 from barge.push import PushOptions, push
 from barge.store import Store
 from clitest import barge, independent_apple_lz4_decode, sha
-from registry_fixtures import FaultProxy, RunningRegistry
+from faultproxy import FaultProxy
+from registries import RunningRegistry
 from vmimages import push_tart, vector_chunks
 
 MiB = 1 << 20

@@ -18,7 +18,7 @@ from barge.errors import ExitCode
 from barge.local import create_vm
 from barge.store import Store
 from clitest import barge, sha
-from registry_fixtures import RunningRegistry
+from registries import RunningRegistry
 from vmimages import push_tart, push_vetu, tart_vm_config, vector_chunks, vetu_disks
 
 MiB = 1 << 20

@@ -22,8 +22,9 @@ from barge.local import create_vm
 from barge.oci import CredentialStore, RegistryClient
 from barge.oci.sessions import UploadSessions
 from barge.store import Store
-from clitest import barge, opener, sha, sha256_file
-from registry_fixtures import FaultProxy, RunningRegistry
+from clitest import at, barge, opener, sha, sha256_file
+from faultproxy import FaultProxy
+from registries import RunningRegistry
 
 MiB = 1 << 20
 UPLOADS = r"/blobs/uploads/"
@@ -66,7 +67,7 @@ def push_killed(ref: str, home: Path, killed_when: Callable[[], bool]) -> None:
 
 def chunk_layer(registry: RunningRegistry, repo: str, tag: str, home: Path) -> tuple[str, int]:
     c = RegistryClient(registry.host, home=home, credentials=CredentialStore.anonymous())
-    layers = json.loads(c.get_manifest(repo, tag).data)["layers"]
+    layers = json.loads(c.get_manifest(at(c, repo, tag)).data)["layers"]
     big = max(layers, key=lambda d: d["size"])
     return str(big["digest"]), int(big["size"])
 
@@ -148,15 +149,17 @@ def test_a_saved_session_the_registry_forgot_is_dropped(
     with urllib.request.urlopen(urllib.request.Request(location, method="DELETE"), timeout=30):
         pass
     stale = location.replace(registry.host, proxy.host)
-    claim = UploadSessions(barge_home / "uploads").claim(proxy.host, "gone/r", f"blob:{d}:300000")
+    claim = UploadSessions(barge_home / "uploads").claim(
+        at(proxy.host, "gone/r"), f"blob:{d}:300000"
+    )
     assert claim is not None
     claim.save(stale, 100_000)
     claim.release()
 
     c = RegistryClient(proxy.host, home=barge_home, credentials=CredentialStore.anonymous())
-    c.upload_blob("gone/r", d, len(data), opener(data), chunk_size=100_000)
+    c.upload_blob(at(c, "gone/r"), d, len(data), opener(data), chunk_size=100_000)
     assert proxy.count("GET", UPLOADS) == 1  # asked about the saved session: unknown
     assert proxy.count("POST", UPLOADS) == 1  # a fresh one
     assert proxy.request_bytes("PATCH", UPLOADS) == len(data)
     assert list((barge_home / "uploads").glob("*.json")) == []
-    assert c.read_blob("gone/r", d, max_size=len(data)) == data
+    assert c.read_blob(at(c, "gone/r"), d, max_size=len(data)) == data

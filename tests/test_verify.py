@@ -15,8 +15,9 @@ from barge.pull import pull
 from barge.push import push
 from barge.store import Store
 from barge.verify import verify
-from clitest import sha
-from registry_fixtures import RunningRegistry, push_image
+from clitest import at, sha
+from registries import RunningRegistry
+from seed import push_image
 from test_copy_registry import SMALL, barge, make_vm
 from vmimages import push_tart, push_vetu, vector_chunks, vetu_disks
 
@@ -40,7 +41,7 @@ def _flip(path: Path, offset: int) -> None:
 
 def _chunk_layers(registry: RunningRegistry, repo: str, tag: str) -> list[dict[str, object]]:
     with RegistryClient(registry.host) as c:
-        doc = json.loads(c.get_manifest(repo, tag).data)
+        doc = json.loads(c.get_manifest(at(c, repo, tag)).data)
     return [d for d in doc["layers"] if "disk.chunk" in d["mediaType"]]
 
 

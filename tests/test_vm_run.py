@@ -27,7 +27,7 @@ import pytest
 from barge.errors import ExitCode
 from barge.vm import state
 from clitest import barge
-from registry_fixtures import RunningRegistry
+from registries import RunningRegistry
 from vmimages import push_vetu
 
 # the tiny guest and its `tiny_guest` fixture come from tests/guests.py (the guests branch,

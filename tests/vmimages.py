@@ -22,7 +22,8 @@ from barge.formats import tart as tartfmt
 from barge.formats import vetu as vetufmt
 from barge.oci.layout import OCILayout
 from clitest import sha
-from registry_fixtures import OCI_CONFIG, OCI_MANIFEST, RunningRegistry, put_blob, put_manifest
+from registries import RunningRegistry
+from seed import OCI_CONFIG, OCI_MANIFEST, put_blob, put_manifest
 
 VECTORS = Path(__file__).parent / "testdata" / "apple-lz4"
 KiB = 1024

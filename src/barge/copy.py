@@ -410,7 +410,7 @@ class Copier:
             and isinstance(dst, RegistryEnd)
             and src.registry == dst.registry
             and src.repo != dst.repo
-            and dst.client.mount_blob(dst.repo, d.digest, src.repo)
+            and dst.client.mount_blob(dst.ref, d.digest, src.ref)
         ):
             return True
         return dst.try_mount(d.digest, d.size)
@@ -498,7 +498,7 @@ class Copier:
             raise UsageError("--all-tags keeps the source's tags: give a destination repository")
         if dloc.kind != "registry" and dloc.tag:
             raise UsageError("--all-tags keeps the source's tags: give no tag in the destination")
-        tags = sorted(set(src.client.list_tags(src.repo)))
+        tags = sorted(set(src.client.list_tags(src.ref)))
         if not tags:
             self.note(f"{src.label} has no tags")
         out = []

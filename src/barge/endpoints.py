@@ -9,7 +9,6 @@ the disk codec at the edges (push encodes, pull decodes).
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,17 @@ from typing import BinaryIO, Protocol, cast
 
 from barge.errors import NotFoundError, UsageError
 from barge.oci.client import RegistryClient
-from barge.oci.types import Manifest, media_type_of, sha256_digest
-from barge.reference import Reference, looks_like_reference, parse
+from barge.oci.types import Manifest, is_digest, media_type_of, sha256_digest
+from barge.reference import (
+    LAYOUT_KINDS,
+    Reference,
+    is_layout,
+    layout_key,
+    looks_like_reference,
+    parse,
+    parse_layout,
+)
 from barge.store import Store
-from barge.untrusted import printable
 
 OpenAt = Callable[[int], BinaryIO]
 
@@ -60,22 +66,22 @@ class RegistryEnd:
         self.upload_chunk_size = upload_chunk_size
 
     def has_blob(self, digest: str) -> int | None:
-        size = self.client.blob_exists(self.repo, digest)
+        size = self.client.blob_exists(self.ref, digest)
         if size is not None:
             self.store.catalog.add_blob_location(digest, self.registry, self.repo)
         return size
 
     def open_blob(self, digest: str, offset: int = 0) -> BinaryIO:
-        return self.client.open_blob(self.repo, digest, offset=offset)  # type: ignore[return-value]
+        return self.client.open_blob(self.ref, digest, offset=offset)  # type: ignore[return-value]
 
     def read_blob(self, digest: str, max_size: int) -> bytes:
-        return self.client.read_blob(self.repo, digest, max_size=max_size)
+        return self.client.read_blob(self.ref, digest, max_size=max_size)
 
     def put_blob(
         self, digest: str, size: int, open_at: OpenAt, progress: Callable[[int], None] | None
     ) -> None:
         self.client.upload_blob(
-            self.repo, digest, size, open_at, chunk_size=self.upload_chunk_size, progress=progress
+            self.ref, digest, size, open_at, chunk_size=self.upload_chunk_size, progress=progress
         )
         self.store.catalog.add_blob_location(digest, self.registry, self.repo)
 
@@ -89,7 +95,7 @@ class RegistryEnd:
         """Upload a blob while it is produced; returns its (digest, size). ``resume_key``
         (naming exactly the bytes ``produce`` yields) lets a later run continue the upload."""
         digest, size = self.client.upload_stream(
-            self.repo,
+            self.ref,
             produce,
             chunk_size=self.upload_chunk_size,
             progress=progress,
@@ -103,16 +109,26 @@ class RegistryEnd:
         for other in self.store.catalog.blob_repositories(digest, self.registry):
             if other == self.repo:
                 continue
-            if self.client.mount_blob(self.repo, digest, other):
+            source = Reference(self.registry, other)
+            if self.client.mount_blob(self.ref, digest, source):
                 self.store.catalog.add_blob_location(digest, self.registry, self.repo)
                 return True
         return False
 
     def get_manifest(self, reference: str) -> Manifest:
-        return self.client.get_manifest(self.repo, reference)
+        return self.client.get_manifest(self._at(reference))
 
     def put_manifest(self, data: bytes, media_type: str, tag: str | None) -> str:
-        return self.client.put_manifest(self.repo, tag or sha256_digest(data), data, media_type)
+        target = self.ref.with_tag(tag) if tag else self.ref.with_digest(sha256_digest(data))
+        return self.client.put_manifest(target, data, media_type)
+
+    def _at(self, reference: str) -> Reference:
+        """This repository at a tag or digest."""
+        return (
+            self.ref.with_digest(reference)
+            if is_digest(reference)
+            else self.ref.with_tag(reference)
+        )
 
 
 class LayoutEnd:
@@ -233,24 +249,6 @@ def _skip(f: BinaryIO, n: int) -> None:
         n -= len(piece)
 
 
-#: The kinds of OCI layout locations. In the catalog a cached image pulled from a layout is
-#: keyed (registry = the kind, repository = the layout's absolute path, tag): no registry
-#: reference is ever spelt "oci" or "oci-archive" (a name without '.' or ':' is a repository
-#: on docker.io), so the two never meet.
-LAYOUT_KINDS = ("oci", "oci-archive")
-
-
-def layout_key(path: Path | str) -> str:
-    """The stable name of a layout path: absolute and normalised (``.``, ``..`` and repeated
-    or trailing ``/`` resolved lexically, as typed; symbolic links are not followed)."""
-    text = os.path.abspath(path)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"the path {printable(text)} is not valid UTF-8") from None
-    return text
-
-
 @dataclass(frozen=True)
 class Location:
     kind: str  # "vm" | "registry" | "oci" | "oci-archive"
@@ -293,11 +291,9 @@ def cached_ref_text(registry: str, repository: str, tag: str, digest: str) -> st
 
 def parse_location(text: str, *, allow_vm: bool = True) -> Location:
     """``myvm`` | ``host[:port]/repo[:tag][@digest]`` | ``oci:PATH[:tag]`` | ``oci-archive:FILE``."""
-    if text.startswith(("oci:", "oci-archive:")):
-        from barge.oci.layout import parse_layout_location
-
-        kind, path, tag = parse_layout_location(text)
-        return Location(kind=kind, path=Path(path), tag=tag)
+    if is_layout(text):
+        layout = parse_layout(text)
+        return Location(kind=layout.kind, path=layout.path, tag=layout.tag)
     if allow_vm and not looks_like_reference(text):
         return Location(kind="vm", name=text)
     return Location(kind="registry", ref=parse(text))

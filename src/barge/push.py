@@ -49,8 +49,6 @@ from barge.disk.sizing import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_FRAME_SIZE,
     choose_chunk_size,
-    default_upload_chunk_size,
-    known_layer_limit,
 )
 from barge.disk.sparse import data_extents
 from barge.endpoints import End, LayoutEnd, RegistryEnd, parse_location
@@ -190,7 +188,7 @@ class Pusher:
                 if key not in by_end:
                     upload_chunk = self.opts.upload_chunk_size
                     if upload_chunk is None and not self.opts.monolithic:
-                        upload_chunk = default_upload_chunk_size(ref.registry)
+                        upload_chunk = self._client(ref.registry).settings.upload_chunk_size
                     end = RegistryEnd(
                         self.store,
                         self._client(ref.registry),
@@ -218,7 +216,7 @@ class Pusher:
         caps = []
         for t in targets:
             if isinstance(t.end, RegistryEnd):
-                cap = known_layer_limit(t.end.registry)
+                cap = t.end.client.settings.layer_limit
                 if cap is not None:
                     caps.append((cap, t.end.registry))
         if not caps:

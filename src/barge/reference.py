@@ -17,6 +17,12 @@ The grammar is Docker's (``github.com/distribution/reference``: ``regexp.go`` an
   decides what is fetched;
 * the full normalised name (``registry/repository``) is at most 255 characters.
 
+Besides registry references, this module names the other places an image can be: an OCI
+layout directory ``oci:PATH[:tag]`` or archive ``oci-archive:FILE[:tag]``
+(:class:`LayoutReference`, skopeo's spelling), and the registry host alone
+(:class:`Registry`: split once into host name and port, so nothing else parses ``host:port``).
+:func:`parse_location` reads either kind of image location.
+
 Where barge is stricter than Docker, on purpose:
 
 * Docker treats a first component with an uppercase letter (``Foo/bar``) as a registry host;
@@ -29,21 +35,38 @@ Where barge is stricter than Docker, on purpose:
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import json
+import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
 
 from barge.errors import UsageError
+from barge.untrusted import printable
 
 __all__ = [
     "DEFAULT_REGISTRY",
+    "LAYOUT_KINDS",
+    "MISSING_HOST",
     "NAME_TOTAL_LENGTH_MAX",
     "TAG_LENGTH_MAX",
+    "ImageLocation",
+    "LayoutKind",
+    "LayoutReference",
     "Reference",
     "ReferenceError",
+    "Registry",
+    "is_layout",
+    "layout_key",
     "looks_like_reference",
     "parse",
+    "parse_layout",
+    "parse_location",
+    "parse_registry",
     "parse_repository",
     "validate_digest",
     "validate_tag",
@@ -51,9 +74,12 @@ __all__ = [
 
 DEFAULT_REGISTRY = "docker.io"
 LEGACY_DEFAULT_REGISTRY = "index.docker.io"
+#: where Docker Hub's API is served: ``docker.io`` is a name, not a host that answers ``/v2/``
+DOCKER_HUB_API = "registry-1.docker.io"
 OFFICIAL_REPO_PREFIX = "library/"
 NAME_TOTAL_LENGTH_MAX = 255
 TAG_LENGTH_MAX = 128
+MISSING_HOST = "missing registry host"
 
 _PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -240,6 +266,96 @@ def _normalise(registry: str, repository: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
+class Registry:
+    """A registry host ``host[:port]``, validated, canonical and split once.
+
+    This is the one place a registry name is taken apart: the transport connects to
+    :attr:`api_name`, per-host settings match :attr:`hostname` (:meth:`matches`), credentials
+    and certificates are filed under :attr:`name`. Like :class:`Reference`, the first
+    component rule holds: the name is ``localhost``, an IP address, or contains a ``.`` or a
+    ``:port`` (``index.docker.io`` is spelt ``docker.io``).
+    """
+
+    name: str
+    """Canonical ``host[:port]``; an IPv6 literal in brackets (``[::1]:5000``)."""
+    hostname: str = field(init=False, repr=False, compare=False)
+    """The host without port; an IPv6 address without brackets."""
+    port: int | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            hostpart, hostname, port = _split_registry(self.name)
+            if hostpart == LEGACY_DEFAULT_REGISTRY and port is None:
+                hostpart = hostname = DEFAULT_REGISTRY
+            name = hostpart if port is None else f"{hostpart}:{port}"
+            if not _is_host_component(name):
+                raise _Invalid(
+                    "a registry host must be 'localhost', an IP address, or contain a '.' or "
+                    "a ':port'"
+                )
+        except _Invalid as e:
+            raise ReferenceError(f"invalid registry {_quote(self.name)}: {e.reason}") from None
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "hostname", hostname)
+        object.__setattr__(self, "port", port)
+
+    @property
+    def api_name(self) -> str:
+        """``host[:port]`` the registry API is served at (Docker Hub's differs from its name)."""
+        return DOCKER_HUB_API if self.name == DEFAULT_REGISTRY else self.name
+
+    @property
+    def api_hostname(self) -> str:
+        """:attr:`api_name` without the port (an IPv6 address without brackets)."""
+        return DOCKER_HUB_API if self.name == DEFAULT_REGISTRY else self.hostname
+
+    @property
+    def is_loopback(self) -> bool:
+        """``localhost``, ``*.localhost``, 127.0.0.0/8 or ``::1``: a registry on this machine."""
+        h = self.hostname.lower()
+        if h == "localhost" or h.endswith(".localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(h).is_loopback
+        except ValueError:
+            return False
+
+    def matches(self, pattern: str) -> bool:
+        """Does ``pattern`` name this registry? An exact ``host[:port]``, or an ``fnmatch``
+        pattern over the host name (``*.dkr.ecr.*.amazonaws.com``: any port), or a pattern
+        with a port over the whole name (``*.example.com:5000``). Case-insensitive."""
+        p = pattern.strip().lower()
+        if p == self.name.lower():
+            return True
+        target = self.name if _has_port(p) else self.hostname
+        return fnmatch.fnmatchcase(target.lower(), p)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _has_port(pattern: str) -> bool:
+    if pattern.startswith("["):
+        return "]:" in pattern
+    return pattern.count(":") == 1
+
+
+def parse_registry(text: str, *, url: bool = False) -> Registry:
+    """``host[:port]`` -> :class:`Registry`. With ``url``, a URL's scheme and path are
+    dropped first (``https://host:5000/v1/`` -> ``host:5000``), as ``barge login`` and
+    Docker's credential files spell hosts. Raises :class:`ReferenceError`."""
+    v = text.strip()
+    if url:
+        for prefix in ("https://", "http://"):
+            if v.lower().startswith(prefix):
+                v = v[len(prefix) :]
+        v = v.split("/", 1)[0]
+    if not v:
+        raise ReferenceError(MISSING_HOST)
+    return Registry(v)
+
+
+@dataclass(frozen=True)
 class Reference:
     """A normalised image reference.
 
@@ -274,15 +390,29 @@ class Reference:
             s += f"@{self.digest}"
         return s
 
+    @cached_property
+    def registry_host(self) -> Registry:
+        """The registry as a :class:`Registry` (host name and port split once)."""
+        return Registry(self.registry)
+
     @property
     def host(self) -> str:
         """The registry host name without port; an IPv6 address without brackets."""
-        return _split_registry(self.registry)[1]
+        return self.registry_host.hostname
 
     @property
     def port(self) -> int | None:
         """The registry port, or None when not given."""
-        return _split_registry(self.registry)[2]
+        return self.registry_host.port
+
+    def scope(self, *actions: str) -> str:
+        """The token scope for ``actions`` on this repository (Docker's token spec, as
+        go-containerregistry's ``Repository.Scope``): ``repository:team/vm:pull,push``."""
+        return f"repository:{self.repository}:{','.join(actions)}"
+
+    def same_repository(self, other: Reference) -> bool:
+        """Same registry and repository (tags and digests aside)."""
+        return self.registry == other.registry and self.repository == other.repository
 
     @property
     def name(self) -> str:
@@ -401,3 +531,138 @@ def parse_repository(s: str) -> Reference:
         return _parse(s, allow_tag_and_digest=False)
     except _Invalid as e:
         raise ReferenceError(f"invalid repository name {_quote(s)}: {e.reason}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# OCI layouts: the other place an image can be
+
+LayoutKind = Literal["oci", "oci-archive"]
+
+#: The kinds of OCI layout locations, as spelt before the ``:`` (skopeo's transports). No
+#: registry reference is spelt ``oci:…`` (a first component without ``.`` or ``:`` is a
+#: repository on docker.io), so ``kind`` never meets a registry name: the catalog keys an
+#: image pulled from a layout (kind, :attr:`LayoutReference.key`, tag).
+LAYOUT_KINDS: tuple[LayoutKind, ...] = ("oci", "oci-archive")
+
+
+def layout_key(path: str | os.PathLike[str]) -> str:
+    """The stable name of a layout path: absolute and normalised (``.``, ``..`` and repeated
+    or trailing ``/`` resolved lexically, as typed; symbolic links are not followed)."""
+    text = os.path.abspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"the path {printable(text)} is not valid UTF-8") from None
+    return text
+
+
+@dataclass(frozen=True)
+class LayoutReference:
+    """An OCI image layout location: a directory (``oci:PATH[:tag]``) or a tar archive
+    (``oci-archive:FILE[:tag]``), and the tag that names an image in its ``index.json``.
+
+    The sibling of :class:`Reference` (as regclient's one ``Ref`` has an ``ocidir`` scheme
+    beside ``reg``): ``tag``, :attr:`ref`, :meth:`with_tag` mean the same; ``path`` and
+    ``kind`` stand where the registry and repository are. Constructing one validates the tag
+    and the path (no NUL; :func:`parse_layout` also refuses an empty one)."""
+
+    kind: LayoutKind
+    path: Path
+    tag: str | None = None
+
+    def __post_init__(self) -> None:
+        text = str(self)
+        if self.kind not in LAYOUT_KINDS:
+            raise ReferenceError(f"invalid OCI layout location {_quote(text)}: unknown kind")
+        raw = os.fspath(self.path)
+        if raw == "":
+            raise ReferenceError(f"invalid OCI layout location {_quote(text)}: the path is empty")
+        if "\0" in raw:
+            raise ReferenceError(f"invalid OCI layout location {_quote(text)}: NUL in path")
+        if self.tag is not None:
+            try:
+                _check_tag(self.tag)
+            except _Invalid as e:
+                raise ReferenceError(
+                    f"invalid OCI layout location {_quote(text)}: {e.reason}"
+                ) from None
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def archive(self) -> bool:
+        """A tar archive (``oci-archive:``) rather than a directory."""
+        return self.kind == "oci-archive"
+
+    @property
+    def key(self) -> str:
+        """The layout's stable name: its absolute normalised path (:func:`layout_key`)."""
+        return layout_key(self.path)
+
+    @property
+    def ref(self) -> str:
+        """The tag to look up in ``index.json``: the tag if set, else ``latest``."""
+        return self.tag if self.tag is not None else "latest"
+
+    def with_tag(self, tag: str) -> LayoutReference:
+        return replace(self, tag=validate_tag(tag))
+
+    def without_tag(self) -> LayoutReference:
+        return replace(self, tag=None)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{os.fspath(self.path)}" + (f":{self.tag}" if self.tag else "")
+
+
+#: What :func:`parse_location` reads: an image in a registry or in an OCI layout.
+ImageLocation = Reference | LayoutReference
+
+
+def parse_layout(s: str) -> LayoutReference:
+    """Parse ``oci:PATH[:tag]`` / ``oci-archive:FILE[:tag]``.
+
+    As in skopeo, the tag follows a ':' after the path. barge takes the *last* ':' and only
+    if what follows is a valid tag (so ``oci:/a:b/dir`` is the path ``/a:b/dir``, and
+    ``oci:dir:v1`` is the path ``dir`` with tag ``v1``). An empty tag (``oci:dir:``) means no
+    tag, as in skopeo. Raises :class:`ReferenceError` (a usage error).
+    """
+    kind: LayoutKind
+    if s.startswith("oci:"):
+        kind, rest = "oci", s[len("oci:") :]
+    elif s.startswith("oci-archive:"):
+        kind, rest = "oci-archive", s[len("oci-archive:") :]
+    else:
+        raise ReferenceError(
+            f"invalid OCI layout location {_quote(s)}: expected oci:PATH[:tag] or "
+            "oci-archive:FILE[:tag]"
+        )
+    tag: str | None = None
+    colon = rest.rfind(":")
+    if colon != -1:
+        candidate = rest[colon + 1 :]
+        if candidate == "":
+            rest = rest[:colon]
+        else:
+            try:
+                _check_tag(candidate)
+            except _Invalid:
+                pass
+            else:
+                rest, tag = rest[:colon], candidate
+    if rest == "":
+        raise ReferenceError(f"invalid OCI layout location {_quote(s)}: the path is empty")
+    if "\0" in rest:
+        raise ReferenceError(f"invalid OCI layout location {_quote(s)}: NUL in path")
+    return LayoutReference(kind, Path(rest), tag)
+
+
+def is_layout(s: str) -> bool:
+    """Does ``s`` name an OCI layout (``oci:`` or ``oci-archive:``)?"""
+    return s.startswith(("oci:", "oci-archive:"))
+
+
+def parse_location(s: str) -> ImageLocation:
+    """An image location: ``oci:PATH[:tag]`` / ``oci-archive:FILE[:tag]`` as a
+    :class:`LayoutReference`, anything else as a registry :class:`Reference`
+    (``[host[:port]/]path[:tag][@digest]``). A VM name is neither: callers that also take
+    one check :func:`looks_like_reference` first."""
+    return parse_layout(s) if is_layout(s) else parse(s)

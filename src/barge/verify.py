@@ -28,11 +28,12 @@ from typing import Any, BinaryIO
 
 from barge.disk.index import ChunkMeta, FrameIndex, zero_digest
 from barge.disk.sparse import data_extents
-from barge.endpoints import LAYOUT_KINDS, End, LayoutEnd, RegistryEnd
+from barge.endpoints import End, LayoutEnd, RegistryEnd
 from barge.errors import IntegrityError, NotFoundError, UnsupportedError
 from barge.formats.tart import REORDERED_MESSAGE, parse_tart_manifest
 from barge.oci.types import Descriptor, Manifest
 from barge.progress import NullReporter, Reporter, Task
+from barge.reference import LAYOUT_KINDS
 from barge.store import Store, VMConfig
 from barge.untrusted import load_json
 

@@ -11,7 +11,14 @@ from barge.cli import echo, emit_json, format_option, main, timeout_options
 from barge.errors import IntegrityError, UsageError
 from barge.oci import CredentialStore, RegistryClient
 from barge.oci.types import Descriptor, Manifest
-from barge.reference import parse, parse_repository
+from barge.reference import (
+    MISSING_HOST,
+    Reference,
+    ReferenceError,
+    parse,
+    parse_registry,
+    parse_repository,
+)
 from barge.untrusted import load_json
 
 SIZE_ANNOTATIONS = (
@@ -24,20 +31,12 @@ MAX_CONFIG = 4 << 20
 
 def _registry_host(value: str) -> str:
     """``HOST[:PORT]`` (a URL is accepted) -> canonical registry name."""
-    v = value.strip()
-    for prefix in ("https://", "http://"):
-        if v.lower().startswith(prefix):
-            v = v[len(prefix) :]
-    v = v.split("/", 1)[0]
-    if not v:
-        raise UsageError("missing registry host")
-    ref = parse_repository(f"{v}/x")
-    if ref.repository not in ("x", "library/x") or (
-        ref.registry == "docker.io"
-        and v not in ("docker.io", "index.docker.io", "registry-1.docker.io")
-    ):
-        raise UsageError(f"not a registry host: {value!r} (expected HOST[:PORT])")
-    return ref.registry
+    try:
+        return parse_registry(value, url=True).name
+    except ReferenceError as e:
+        if e.message == MISSING_HOST:
+            raise
+        raise UsageError(f"not a registry host: {value!r} (expected HOST[:PORT])") from None
 
 
 @main.command()
@@ -105,7 +104,7 @@ def _human(n: int | None) -> str:
     return str(n)  # pragma: no cover
 
 
-def _describe(client: RegistryClient, repo: str, m: Manifest) -> dict[str, Any]:
+def _describe(client: RegistryClient, ref: Reference, m: Manifest) -> dict[str, Any]:
     out: dict[str, Any] = {"digest": m.digest, "mediaType": m.media_type, "size": m.size}
     if m.is_index:
         idx = m.index()
@@ -125,7 +124,7 @@ def _describe(client: RegistryClient, repo: str, m: Manifest) -> dict[str, Any]:
     if img.config.size <= MAX_CONFIG:  # a huge config is not shown; the manifest still is
         try:
             config_doc = load_json(
-                client.read_blob(repo, img.config.digest, max_size=MAX_CONFIG),
+                client.read_blob(ref, img.config.digest, max_size=MAX_CONFIG),
                 f"config {img.config.digest}",
                 max_size=MAX_CONFIG,
             )
@@ -176,12 +175,12 @@ def inspect(ref: str, raw: bool, insecure: bool, fmt: str) -> None:
     """Show an image's manifest, config, platform, sizes and layers."""
     r = parse(ref)
     with RegistryClient(r.registry, insecure=insecure) as client:
-        m = client.get_manifest(r.repository, r.ref)
+        m = client.get_manifest(r)
         if raw:
             click.echo(m.data.decode("utf-8", "replace"), nl=not m.data.endswith(b"\n"))
             return
         try:
-            described = _describe(client, r.repository, m)
+            described = _describe(client, r, m)
         except ValueError as e:  # a malformed manifest (or index) from the registry
             raise IntegrityError(f"{r}: invalid manifest {m.digest}: {e}") from None
         info = {"reference": str(r), **described}
@@ -224,7 +223,7 @@ def tags(repo: str, insecure: bool, fmt: str) -> None:
     """List a repository's tags."""
     r = parse_repository(repo)
     with RegistryClient(r.registry, insecure=insecure) as client:
-        found = client.list_tags(r.repository)
+        found = client.list_tags(r)
     if fmt == "json":
         emit_json({"repository": r.name, "tags": found})
         return

@@ -40,8 +40,6 @@ from barge.disk.sizing import (
     DEFAULT_FRAME_SIZE,
     SizingDecision,
     choose_chunk_size,
-    default_upload_chunk_size,
-    known_layer_limit,
 )
 
 __all__ = [
@@ -71,11 +69,9 @@ __all__ = [
     "chunk_media_type",
     "decode_chunk",
     "decode_frame",
-    "default_upload_chunk_size",
     "encode_chunk",
     "hash_chunk",
     "iter_encoded_chunk",
-    "known_layer_limit",
     "parse_chunk_annotations",
     "parse_codec",
     "plan_chunks",

@@ -1,4 +1,8 @@
-"""Chunk sizing against registry layer limits, and per-registry upload defaults.
+"""Chunk sizing against a registry's layer limit: the arithmetic.
+
+What each registry accepts (its layer cap, its PATCH size) is registry knowledge, kept with
+the registry client (:mod:`barge.oci.settings`); this module only chooses a chunk size
+given a cap.
 
 The chunk size is chosen once per push, before any byte is uploaded: the default, or the
 smallest multiple of the frame size that keeps the image within the registry's layer cap.
@@ -8,7 +12,6 @@ The layer count is the worst case ``ceil(size / chunk)`` per disk: which chunks 
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,9 +24,7 @@ __all__ = [
     "SizingDecision",
     "choose_chunk_size",
     "count_layers",
-    "default_upload_chunk_size",
     "format_size",
-    "known_layer_limit",
 ]
 
 MiB = 1 << 20
@@ -34,29 +35,6 @@ DEFAULT_CHUNK_SIZE = 512 * MiB
 # The largest chunk barge raises to on its own. Registries cap single blobs (ECR: 52,000 MiB),
 # and a big layer is a long upload that a flaky network restarts from its beginning.
 DEFAULT_MAX_CHUNK_SIZE = 8 * GiB
-
-# Layer caps by registry host (fnmatch patterns, checked in order; first match wins).
-# ECR: its 2016 "Service Limits" page stated "Maximum number of layers per image: 127 (this is
-# the current Docker limit)"; today's quotas page lists no per-image layer quota. barge keeps
-# the conservative documented 127 until a larger cap is confirmed on a real ECR push.
-_LAYER_LIMITS: tuple[tuple[str, int], ...] = (
-    ("*.dkr.ecr.*.amazonaws.com", 127),
-    ("*.dkr.ecr.*.amazonaws.com.cn", 127),
-    ("*.dkr-ecr.*.on.aws", 127),
-)
-
-# PATCH body size by registry host; None = monolithic POST + PUT (fastest where accepted).
-# ghcr.io rejects chunked-upload PATCH bodies over 4 MiB. ECR's parts are 5..10 MiB (all but
-# the last), so 10 MiB. Google Artifact Registry / gcr.io: monolithic only.
-_UPLOAD_CHUNK: tuple[tuple[str, int | None], ...] = (
-    ("ghcr.io", 4 * MiB),
-    ("*.dkr.ecr.*.amazonaws.com", 10 * MiB),
-    ("*.dkr.ecr.*.amazonaws.com.cn", 10 * MiB),
-    ("*.dkr-ecr.*.on.aws", 10 * MiB),
-    ("*-docker.pkg.dev", None),
-    ("gcr.io", None),
-    ("*.gcr.io", None),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,28 +107,3 @@ def choose_chunk_size(
         f"({other_layers} non-disk); now {fitted}"
     )
     return SizingDecision(chunk, fitted, reason)
-
-
-def _host_only(registry_host: str) -> str:
-    h = registry_host.strip().lower()
-    if h.startswith("["):  # [::1]:5000
-        return h[1 : h.find("]")] if "]" in h else h
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
-
-
-def known_layer_limit(registry_host: str) -> int | None:
-    """The number of layers a registry accepts per manifest, when barge knows it."""
-    host = _host_only(registry_host)
-    for pattern, limit in _LAYER_LIMITS:
-        if fnmatch.fnmatchcase(host, pattern):
-            return limit
-    return None
-
-
-def default_upload_chunk_size(registry_host: str) -> int | None:
-    """PATCH body size for uploads to this registry; None = monolithic POST + PUT."""
-    host = _host_only(registry_host)
-    for pattern, size in _UPLOAD_CHUNK:
-        if fnmatch.fnmatchcase(host, pattern):
-            return size
-    return None

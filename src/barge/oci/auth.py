@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from barge.oci.errors import Denied, RegistryResponseError, Unauthorized
+from barge.reference import ReferenceError, parse_registry
 from barge.untrusted import load_json
 
 __all__ = [
@@ -87,12 +88,12 @@ class Credentials:
 
 
 def _normalise_key(key: str) -> str:
-    """``https://host:port/v1/`` -> ``host:port``."""
-    k = key.strip()
-    for prefix in ("https://", "http://"):
-        if k.startswith(prefix):
-            k = k[len(prefix) :]
-    return k.split("/", 1)[0]
+    """``https://host:port/v1/`` -> ``host:port`` (canonical); "" for a key that names no
+    registry host (it then matches only when spelt exactly as the registry)."""
+    try:
+        return parse_registry(key, url=True).name
+    except ReferenceError:
+        return ""
 
 
 def _keys_for(registry: str) -> tuple[str, ...]:

@@ -24,6 +24,8 @@ import os
 import time
 from pathlib import Path
 
+from barge.reference import Reference
+
 __all__ = ["MAX_AGE", "Claim", "UploadSessions"]
 
 MAX_AGE = 7 * 24 * 3600
@@ -80,15 +82,17 @@ class UploadSessions:
         self.directory = directory
         self._swept = False
 
-    def claim(self, registry: str, repo: str, key: str) -> Claim | None:
-        """The record for this upload, locked; None when another process is uploading the
-        same bytes right now, or the directory cannot be written (then nothing is kept)."""
+    def claim(self, ref: Reference, key: str) -> Claim | None:
+        """The record for this upload into ``ref``'s repository, locked; None when another
+        process is uploading the same bytes right now, or the directory cannot be written
+        (then nothing is kept)."""
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self._swept:
                 self._swept = True
                 self._sweep()
-            name = hashlib.sha256(f"{registry}\0{repo}\0{key}".encode()).hexdigest()
+            record = f"{ref.registry}\0{ref.repository}\0{key}"
+            name = hashlib.sha256(record.encode()).hexdigest()
             path = self.directory / f"{name}.json"
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:

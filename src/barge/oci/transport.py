@@ -2,8 +2,10 @@
 
 * TLS is verified by default against the system store (``SSL_CERT_FILE``/``SSL_CERT_DIR``
   honoured) plus every ``*.crt`` in ``$BARGE_HOME/certs.d/<host:port>/`` (Docker's layout;
-  ``client.cert``/``client.key`` there enable mutual TLS).
-* ``insecure=True``: HTTPS without verification, falling back to plain HTTP.
+  ``client.cert``/``client.key`` there enable mutual TLS) and the host's ``ca_file``
+  (:class:`~barge.oci.settings.HostSettings`).
+* ``insecure`` (in the host's settings; ``--insecure``): HTTPS without verification, falling
+  back to plain HTTP.
 * Loopback registries (127.0.0.0/8, ::1, localhost) fall back to plain HTTP when the TLS
   handshake fails for a reason other than certificate verification (the server speaks HTTP).
   A certificate that does not verify is never silently accepted. The probe is bounded: a
@@ -23,7 +25,8 @@
   http.client cannot send a request on a connection whose previous response is unfinished
   (``ResponseNotReady``); an idempotent request that meets such a broken pooled connection
   is retried once at once on a new connection. Every connection-level failure (including
-  ``ValueError`` from a torn-down connection) is raised as :class:`RegistryUnreachable`.
+  ``ValueError`` from a torn-down connection) is raised as :class:`RegistryUnreachable`
+  (classified by :mod:`barge.oci.failures`).
 * ``debug``/``BARGE_DEBUG=1`` logs each exchange to the ``barge.oci`` logger with the
   Authorization header and signed-URL query strings redacted.
 """
@@ -32,13 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import ipaddress
 import logging
 import os
 import ssl
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -46,25 +48,30 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 import urllib3.connection
 import urllib3.connectionpool
-from urllib3.exceptions import ConnectTimeoutError, LocationValueError, NewConnectionError, SSLError
+from urllib3.exceptions import ConnectTimeoutError, SSLError
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from barge import cancel
+from barge.errors import UsageError
 from barge.oci.errors import RegistryTimeout, RegistryUnreachable
-from barge.oci.retry import RetryPolicy
-from barge.oci.settings import HostSettings, settings_for
+from barge.oci.failures import (
+    CONNECTION_ERRORS,
+    broken_connection,
+    is_verify_error,
+    reason,
+    timed_out,
+    unreachable,
+)
+from barge.oci.settings import HostSettings
+from barge.reference import Registry
 
 __all__ = [
-    "CONNECTION_ERRORS",
     "MAX_REDIRECTS",
-    "RetryPolicy",
     "TLS_PROBE_TIMEOUT",
     "Transport",
-    "is_loopback",
     "redact_url",
     "release",
-    "timed_out",
 ]
 
 log = logging.getLogger("barge.oci")
@@ -74,16 +81,6 @@ TLS_PROBE_TIMEOUT = 2.0  # seconds a loopback server may take to answer a TLS Cl
 USER_AGENT = "barge/0.1 (+https://github.com/barge)"
 BLOCKSIZE = 1 << 20
 DRAIN_LIMIT = 64 << 10  # unread body bytes worth reading to keep a connection
-
-# What a request or a body read raises when the connection breaks. ValueError: http.client
-# and the socket file raise "I/O operation on closed file" when a connection is torn down
-# under a request (urllib3 closing a broken pooled connection can raise it too).
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    Urllib3Error,
-    http.client.HTTPException,
-    OSError,
-    ValueError,
-)
 
 
 def release(resp: urllib3.BaseHTTPResponse, *, drain: int = DRAIN_LIMIT) -> None:
@@ -122,44 +119,6 @@ def release(resp: urllib3.BaseHTTPResponse, *, drain: int = DRAIN_LIMIT) -> None
         resp.release_conn()
 
 
-def _chain(e: BaseException) -> Iterator[BaseException]:
-    """``e`` and every exception it wraps (in ``args``, as cause or context), each once."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [e]
-    while todo:
-        cur = todo.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        yield cur
-        todo.extend(a for a in getattr(cur, "args", ()) if isinstance(a, BaseException))
-        todo.extend(x for x in (cur.__cause__, cur.__context__) if x is not None)
-
-
-def _broken_connection(e: BaseException) -> bool:
-    """The failure says only that the pooled connection was unusable, nothing about the server:
-    http.client refused to use it (a previous response on it was unfinished:
-    ``ResponseNotReady``/``CannotSendRequest``) or it was torn down under the request
-    (``ValueError: I/O operation on closed file``). Worth one immediate retry on a new
-    connection. Resets, refusals, timeouts and TLS failures are left to the caller's backoff."""
-    for cur in _chain(e):
-        if isinstance(cur, LocationValueError):
-            return False
-        if isinstance(cur, (http.client.ImproperConnectionState, ValueError)):
-            return True
-    return False
-
-
-def is_loopback(host: str) -> bool:
-    h = host.strip("[]").lower()
-    if h == "localhost" or h.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
-
-
 _SECRET_QUERY = ("signature", "token", "credential", "sig", "key-pair-id", "policy", "x-amz-")
 
 
@@ -177,26 +136,14 @@ def redact_url(url: str) -> str:
     return parts._replace(query="&".join(out)).geturl()
 
 
-def split_host(registry: str) -> tuple[str, int | None]:
-    """``host:port`` / ``[v6]:port`` -> (host without brackets, port)."""
-    if registry.startswith("["):
-        host, _, rest = registry[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-        return host, int(port) if port else None
-    host, sep, port = registry.rpartition(":")
-    if sep and port.isdigit():
-        return host, int(port)
-    return registry, None
-
-
 def _origin(url: str) -> tuple[str, str]:
     p = urlsplit(url)
     default = 443 if p.scheme == "https" else 80
     return p.scheme, f"{(p.hostname or '').lower()}:{p.port or default}"
 
 
-def _certs_dir(home: Path, registry: str) -> Path:
-    return home / "certs.d" / registry
+def _certs_dir(home: Path, registry: Registry) -> Path:
+    return home / "certs.d" / registry.name
 
 
 class _StallBound:
@@ -255,25 +202,14 @@ class Transport:
     """Pooled, thread-safe HTTP for one registry host."""
 
     def __init__(
-        self,
-        registry: str,
-        *,
-        insecure: bool,
-        home: Path,
-        debug: bool,
-        settings: HostSettings | None = None,
+        self, registry: Registry, *, home: Path, debug: bool, settings: HostSettings
     ) -> None:
         self.registry = registry
-        self.settings = settings if settings is not None else settings_for(registry)
-        # docker.io is a name; its API lives on registry-1.docker.io
-        self.api_host = (
-            "registry-1.docker.io" if registry in ("docker.io", "index.docker.io") else registry
-        )
-        self.host, self.port = split_host(self.api_host)
-        self.insecure = insecure
-        self.loopback = is_loopback(self.host)
-        self.debug = debug
+        self.settings = settings
+        self.api_host = registry.api_name  # docker.io is a name; its API is elsewhere
+        self.insecure = settings.insecure
         self.home = home
+        self.debug = debug
         self._lock = threading.Lock()
         self._base: str | None = None
         timeout = urllib3.Timeout(
@@ -289,7 +225,7 @@ class Transport:
         )
         self._verified = _pool_manager(ssl_context=self._ssl_context(), **common)
         self._unverified: urllib3.PoolManager | None = None
-        if insecure:
+        if self.insecure:
             # the user asked for it (--insecure); urllib3 would warn on every request
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             ctx = ssl.create_default_context()
@@ -310,6 +246,13 @@ class Transport:
         cafile = os.environ.get("SSL_CERT_FILE")
         if cafile and os.path.isfile(cafile):
             ctx.load_verify_locations(cafile=cafile)
+        if self.settings.ca_file:  # named in the host's settings: it must be there
+            try:
+                ctx.load_verify_locations(cafile=self.settings.ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise UsageError(
+                    f"{self.registry}: cannot read the CA file {self.settings.ca_file}: {e}"
+                ) from None
         d = _certs_dir(self.home, self.registry)
         if d.is_dir():
             for crt in sorted(d.glob("*.crt")):
@@ -344,7 +287,7 @@ class Transport:
         so the next attempt probes again."""
         https = f"https://{self.api_host}"
         http = f"http://{self.api_host}"
-        if not (self.insecure or self.loopback):
+        if not (self.insecure or self.registry.is_loopback):
             return https
         probe_timeout = urllib3.Timeout(
             connect=min(self.settings.connect_timeout, TLS_PROBE_TIMEOUT),
@@ -362,22 +305,22 @@ class Transport:
             release(r)
             return https
         except SSLError as e:
-            if not self.insecure and _is_verify_error(e):
+            if not self.insecure and is_verify_error(e):
                 err = RegistryUnreachable(
-                    f"cannot reach registry {self.registry}: TLS certificate not trusted ({_reason(e)})",
+                    f"cannot reach registry {self.registry}: TLS certificate not trusted ({reason(e)})",
                     hint=f"put the registry's CA certificate in {_certs_dir(self.home, self.registry)}/ca.crt",
                 )
                 err.retryable = False  # type: ignore[attr-defined] # retrying will not help
                 raise err from None
             if not timed_out(e):
-                log.debug("%s: HTTPS failed (%s); using plain HTTP", self.registry, _reason(e))
+                log.debug("%s: HTTPS failed (%s); using plain HTTP", self.registry, reason(e))
                 return http
         except ConnectTimeoutError as e:  # refused, unresolvable, or no TCP connection in time
-            raise _unreachable(self.registry, https, e, self.settings) from None
+            raise unreachable(self.registry, https, e, self.settings) from None
         except Urllib3Timeout:
             pass  # connected, but no answer to the ClientHello (or to GET /v2/)
         except Urllib3Error as e:
-            log.debug("%s: HTTPS failed (%s); using plain HTTP", self.registry, _reason(e))
+            log.debug("%s: HTTPS failed (%s); using plain HTTP", self.registry, reason(e))
             return http
         # no answer to the ClientHello: does it answer plain HTTP like a registry?
         log.debug("%s: no answer to a TLS ClientHello; trying plain HTTP", self.registry)
@@ -395,7 +338,7 @@ class Transport:
                     f"no answer from {self.api_host} for {self.settings.stall_timeout:g} s "
                     f"(it answered neither a TLS handshake nor a plain HTTP request)"
                 ) from None
-            raise _unreachable(self.registry, http, e, self.settings) from None
+            raise unreachable(self.registry, http, e, self.settings) from None
         status = r.status
         release(r)
         return http if status in (200, 401) else https
@@ -492,17 +435,17 @@ class Transport:
                 )
             except CONNECTION_ERRORS as e:
                 replayable = body is None or isinstance(body, bytes) or body_again is not None
-                if attempt == 0 and idempotent and replayable and _broken_connection(e):
+                if attempt == 0 and idempotent and replayable and broken_connection(e):
                     log.debug(
                         "%s %s: connection broken (%s); retrying on a new connection",
                         method,
                         redact_url(url),
-                        _reason(e),
+                        reason(e),
                     )
                     if body is not None and not isinstance(body, bytes):
                         body = body_again()
                     continue
-                raise _unreachable(
+                raise unreachable(
                     self.registry, url, e, self.settings, method=method, what=what
                 ) from None
         raise AssertionError("unreachable")  # pragma: no cover
@@ -514,7 +457,7 @@ class Transport:
             data = resp.read(1 << 20, decode_content=True)
         except CONNECTION_ERRORS as e:
             resp.close()
-            raise _unreachable(self.registry, url, e, self.settings, what="a token") from None
+            raise unreachable(self.registry, url, e, self.settings, what="a token") from None
         finally:
             release(resp)
         return resp.status, data, resp.headers
@@ -540,90 +483,8 @@ class Transport:
         log.debug("< %s %s", resp.status, shown)
 
 
-def _is_verify_error(e: BaseException) -> bool:
-    return any(
-        isinstance(cur, ssl.SSLCertVerificationError)
-        or "CERTIFICATE_VERIFY_FAILED" in str(cur)
-        or "certificate verify failed" in str(cur)
-        for cur in _chain(e)
-    )
-
-
-def _reason(e: BaseException) -> str:
-    cur: BaseException = e
-    for _ in range(5):
-        nxt = getattr(cur, "reason", None) or cur.__cause__ or cur.__context__
-        if not isinstance(nxt, BaseException):
-            break
-        cur = nxt
-    if isinstance(cur, ConnectionRefusedError) or "Connection refused" in str(cur):
-        return "connection refused"
-    if isinstance(cur, ssl.SSLError):
-        return f"TLS error: {cur.reason or cur}"
-    text = str(cur)
-    # urllib3 messages embed the connection object's repr; keep the end
-    if ": " in text and "object at 0x" in text:
-        text = text.rsplit(": ", 1)[-1]
-    return text or type(cur).__name__
-
-
-def timed_out(e: BaseException) -> bool:
-    """Somewhere in ``e``'s chain a socket or urllib3 timeout."""
-    for cur in _chain(e):
-        if isinstance(cur, (TimeoutError, Urllib3Timeout)):
-            return not isinstance(cur, NewConnectionError)
-        if isinstance(cur, ssl.SSLError) and "timed out" in str(cur):
-            return True
-    return False
-
-
-def _timeout_error(
-    host: str, e: BaseException, settings: HostSettings, method: str | None, what: str | None
-) -> RegistryTimeout:
-    """The message for a timeout: what was waited for, for how long."""
-    about = f" ({what})" if what else ""
-    if isinstance(e, ConnectTimeoutError):
-        text = f"cannot connect to {host} within {settings.connect_timeout:g} s{about}"
-    elif isinstance(e, Urllib3Timeout):  # ReadTimeoutError: waiting for the answer
-        to = f" to {method}" if method else ""
-        text = f"no answer from {host} for {settings.stall_timeout:g} s{to}{about}"
-    else:  # the socket timed out while the request was being sent
-        text = f"{host} took no data for {settings.stall_timeout:g} s while {method or 'a request'} was sent{about}"
-    return RegistryTimeout(text)
-
-
-def _unreachable(
-    registry: str,
-    url: str,
-    e: BaseException,
-    settings: HostSettings | None = None,
-    *,
-    method: str | None = None,
-    what: str | None = None,
-) -> RegistryUnreachable:
-    host = urlsplit(url).netloc
-    if settings is not None and timed_out(e):
-        err: RegistryUnreachable = _timeout_error(host, e, settings, method, what)
-        err.retryable = True  # type: ignore[attr-defined]
-        return err
-    reason = _reason(e)
-    where = registry if _origin(url)[1].split(":")[0] in registry else f"{registry} (via {host})"
-    hint = None
-    if isinstance(e, SSLError) and _is_verify_error(e):
-        hint = "put the registry's CA certificate in $BARGE_HOME/certs.d/HOST:PORT/ca.crt"
-        reason = f"TLS certificate not trusted ({reason})"
-    err = RegistryUnreachable(f"cannot reach registry {where}: {reason}", hint=hint)
-    err.__cause__ = None
-    err.retryable = not (isinstance(e, SSLError) and _is_verify_error(e))  # type: ignore[attr-defined]
-    return err
-
-
 def _pool_manager(**kw: Any) -> urllib3.PoolManager:
     """A PoolManager whose connections send under the stall timeout (:class:`_StallBound`)."""
     pm = urllib3.PoolManager(**kw)
     pm.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
     return pm
-
-
-def header_list(value: str | None) -> Iterable[str]:
-    return [v.strip() for v in (value or "").split(",") if v.strip()]

@@ -23,50 +23,36 @@ that cap PATCH bodies), or one streamed ``PATCH`` (chunked transfer encoding) â€
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO
+from urllib.parse import quote, urlsplit
 
 from barge.errors import RegistryError
+from barge.oci.api import MAX_ERROR_BODY, RegistryAPI, short_digest, transfer_label
 from barge.oci.errors import (
     BlobUploadUnknown,
     DigestInvalid,
     RegistryResponseError,
     RegistryUnreachable,
 )
-from barge.oci.retry import Budget
 from barge.oci.sessions import Claim
+from barge.oci.upload_sources import (
+    Produced,
+    Progress,
+    SessionLost,
+    Source,
+    SourceFailed,
+    Stored,
+)
+from barge.reference import Reference
 
-if TYPE_CHECKING:
-    from barge.oci.client import RegistryClient
-
-__all__ = ["Produced", "SessionLost", "Stored", "Upload"]
+__all__ = ["Upload", "Uploads", "parse_range"]
 
 log = logging.getLogger("barge.oci")
 
 RETRYABLE_STATUS = frozenset({408, 416, 429, 500, 502, 503, 504})
-MAX_ERROR_BODY = 64 << 10
-READ_BLOCK = 1 << 20
-
-
-class SessionLost(Exception):
-    """The upload session is gone (expired, cancelled, invalidated): start a fresh one.
-    ``error`` is what the registry said (it counts against the blob's budget)."""
-
-    def __init__(self, error: RegistryError | None = None) -> None:
-        super().__init__(error.message if error is not None else "upload session gone")
-        self.error = error
-
-
-class _SourceFailed(Exception):
-    """The blob's own source failed while its bytes were being sent (a local error, not the
-    registry's): carried through urllib3 untouched and re-raised as the original."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class _NotReplayable(RegistryUnreachable):
@@ -74,218 +60,15 @@ class _NotReplayable(RegistryUnreachable):
     the upload continues from the offset the session reports."""
 
 
-class _Progress:
-    """Bytes reported to the caller's ``progress(delta)``; its position follows the offset
-    being sent and is moved back when an upload continues from an earlier one."""
-
-    def __init__(self, callback: Callable[[int], None] | None, budget: Budget) -> None:
-        self._callback = callback
-        self._budget = budget
-        self.position = 0
-
-    def sent(self, n: int) -> None:
-        self.position += n
-        if self._callback is not None and n:
-            self._callback(n)
-        self._budget.advance(self.position)
-        self._budget.check_deadline()
-
-    def at(self, offset: int) -> None:
-        delta = offset - self.position
-        self.position = offset
-        if self._callback is not None and delta:
-            self._callback(delta)
-
-
-class _Reader:
-    """``n`` bytes of ``f`` as a request body (urllib3 reads it); reports what it hands out."""
-
-    def __init__(self, f: IO[bytes], n: int, progress: _Progress) -> None:
-        self._f = f
-        self._left = n
-        self._progress = progress
-
-    def read(self, size: int = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        want = self._left if size is None or size < 0 else min(size, self._left)
-        try:
-            data = self._f.read(want)
-        except Exception as e:  # noqa: BLE001 - a local failure, not the registry's
-            raise _SourceFailed(e) from e
-        if not data:
-            raise _SourceFailed(OSError(f"upload source ended early ({self._left} bytes missing)"))
-        self._left -= len(data)
-        self._progress.sent(len(data))
-        return data
-
-
-class Stored:
-    """A blob whose digest and size are known; ``open_at(offset)`` gives its bytes from any
-    offset (re-called for every attempt)."""
-
-    def __init__(self, digest: str, size: int, open_at: Callable[[int], BinaryIO]) -> None:
-        self._digest = digest
-        self._size = size
-        self._open_at = open_at
-        self._open: list[IO[bytes]] = []
-
-    def digest(self) -> str:
-        return self._digest
-
-    @property
-    def size(self) -> int | None:
-        return self._size
-
-    def body(self, offset: int, n: int, progress: _Progress) -> Callable[[], Any]:
-        """A body factory for bytes ``offset .. offset+n``; every call starts them again."""
-
-        def make() -> Any:
-            self.close()
-            progress.at(offset)
-            if n == 0:
-                return b""
-            try:
-                f = self._open_at(offset)
-            except Exception as e:  # noqa: BLE001 - a local failure
-                raise _SourceFailed(e) from e
-            self._open.append(f)
-            return _Reader(f, n, progress)
-
-        return make
-
-    def close(self) -> None:
-        for f in self._open:
-            f.close()
-        self._open.clear()
-
-
-class Produced:
-    """The bytes of a blob produced while it is uploaded (``produce()`` must yield the same
-    bytes every time: barge's encoder is deterministic), hashed as they are produced.
-
-    The position is where the next byte handed out starts. :meth:`seek` moves it: forward by
-    producing and hashing without handing out; backward within the last piece taken (kept
-    in memory) at no cost; further back by producing again from the start."""
-
-    def __init__(self, produce: Callable[[], Iterable[bytes]]) -> None:
-        self._produce = produce
-        self._it: Iterator[bytes] | None = None
-        self._hash = hashlib.sha256()
-        self._pos = 0
-        self._pending = memoryview(b"")
-        self._last: tuple[int, bytes] | None = None  # the last piece taken: (offset, bytes)
-        self._done = False
-
-    @property
-    def position(self) -> int:
-        return self._pos
-
-    @property
-    def size(self) -> int | None:
-        return self._pos if self._done and not self._pending else None
-
-    def digest(self) -> str:
-        if self.size is None:
-            raise AssertionError("the blob is not produced to its end yet")
-        return "sha256:" + self._hash.hexdigest()
-
-    def _restart(self) -> None:
-        try:
-            self._it = iter(self._produce())
-        except Exception as e:  # noqa: BLE001 - a local failure
-            raise _SourceFailed(e) from e
-        self._hash = hashlib.sha256()
-        self._pos = 0
-        self._pending = memoryview(b"")
-        self._last = None
-        self._done = False
-
-    def _fill(self) -> bool:
-        """Produce the next piece into ``_pending``; False at the end."""
-        assert self._it is not None
-        while not self._pending:
-            if self._done:
-                return False
-            try:
-                piece = next(self._it)
-            except StopIteration:
-                self._done = True
-                return False
-            except Exception as e:  # noqa: BLE001 - a local failure (disk, encoder)
-                raise _SourceFailed(e) from e
-            if piece:
-                self._hash.update(piece)
-                self._pending = memoryview(piece)
-        return True
-
-    def seek(self, offset: int) -> None:
-        if self._it is None:
-            self._restart()
-        if offset < self._pos:
-            last = self._last
-            if last is not None and last[0] <= offset:
-                start, data = last
-                # pending may already hold the tail of the last piece (an earlier step back)
-                after = self._pending[max(0, start + len(data) - self._pos) :]
-                self._pending = memoryview(bytes(data[offset - start :]) + bytes(after))
-                self._pos = offset
-            else:
-                self._restart()
-        if self._pos < offset:
-            self._last = None  # what is skipped is not kept: the last piece is no longer last
-        while self._pos < offset:  # produce and hash what the registry already holds
-            if not self._fill():
-                raise SessionLost()  # the registry holds more than the blob has
-            k = min(offset - self._pos, len(self._pending))
-            self._pending = self._pending[k:]
-            self._pos += k
-
-    def take(self, n: int) -> bytes:
-        """Up to ``n`` bytes from the position (fewer only at the end)."""
-        if self._it is None:
-            self._restart()
-        out = bytearray()
-        start = self._pos
-        while len(out) < n and self._fill():
-            k = min(n - len(out), len(self._pending))
-            out += self._pending[:k]
-            self._pending = self._pending[k:]
-        self._pos += len(out)
-        data = bytes(out)
-        self._last = (start, data)
-        return data
-
-    def pieces(self, progress: _Progress) -> Iterator[bytes]:
-        """Everything from the position to the end, piece by piece as produced."""
-        if self._it is None:
-            self._restart()
-        self._last = None
-        while self._fill():
-            view = self._pending
-            whole = view.obj if isinstance(view.obj, bytes) and len(view.obj) == len(view) else None
-            piece = whole if whole is not None else bytes(view)  # no copy of a whole piece
-            self._pending = memoryview(b"")
-            self._pos += len(piece)
-            progress.sent(len(piece))
-            yield piece
-
-    def close(self) -> None:
-        pass
-
-
-Source = Stored | Produced
-
-
 class Upload:
-    """One blob's upload into ``repo`` (:meth:`run`). ``chunk``: PATCH body size (None: one
+    """One blob's upload into ``ref``'s repository (:meth:`run`). ``chunk``: PATCH body size (None: one
     streamed PATCH); ``monolithic``: one PUT with the body (a :class:`Stored` source only);
     ``key``: keep the session across runs under this key."""
 
     def __init__(
         self,
-        client: RegistryClient,
-        repo: str,
+        client: RegistryAPI,
+        ref: Reference,
         source: Source,
         *,
         what: str,
@@ -295,7 +78,10 @@ class Upload:
         progress: Callable[[int], None] | None,
     ) -> None:
         self.c = client
-        self.repo = repo
+        self.ref = ref
+        self.repo = client._check(ref)
+        self.pull = (ref.scope("pull"),)
+        self.push = (ref.scope("pull", "push"),)
         self.src = source
         self.what = what
         self.chunk = chunk
@@ -303,7 +89,7 @@ class Upload:
         self.key = key if not monolithic else None
         self.claim: Claim | None = None
         self.budget = client._budget(what)
-        self.progress = _Progress(progress, self.budget)
+        self.progress = Progress(progress, self.budget)
         self.location: str | None = None
         self.offset = 0
         self.piece = chunk
@@ -314,7 +100,7 @@ class Upload:
         """Upload; returns the blob's (digest, size). ``before_commit(digest, size)`` runs
         before the closing PUT (a :class:`Produced` blob's digest is known only then)."""
         if self.key is not None:
-            self.claim = self.c.sessions.claim(self.c.registry, self.repo, self.key)
+            self.claim = self.c.sessions.claim(self.ref, self.key)
         try:
             return self._loop(before_commit)
         finally:
@@ -342,13 +128,13 @@ class Upload:
                     closing = True
                     self._step(
                         "PUT",
-                        self.c._with_digest(self._loc(), digest),
+                        _with_digest(self._loc(), digest),
                         headers={"Content-Length": "0"},
                         body=lambda: b"",
                         what=f"finish upload of {digest} to {self.repo}",
                     )
                 return self._done()
-            except _SourceFailed as e:
+            except SourceFailed as e:
                 raise e.error from None
             except SessionLost as e:
                 self._lost()
@@ -419,7 +205,7 @@ class Upload:
             r = self.c._request(
                 "HEAD",
                 f"/v2/{self.repo}/blobs/{digest}",
-                scopes=self.c._pull(self.repo),
+                scopes=self.pull,
                 ok=(200,),
                 missing_ok=True,
                 kind="blob",
@@ -432,11 +218,30 @@ class Upload:
 
     # -- session -----------------------------------------------------------------------------
     def _start(self) -> None:
-        location, min_len = self.c._start_upload(self.repo, budget=self.budget)
+        location, min_len = self._open_session()
         if self.chunk is not None:
             self.piece = max(self.chunk, min_len, 1)
         self._moved(location, 0)
         self.resumed = False
+
+    def _open_session(self) -> tuple[str, int]:
+        """``POST`` a session: (its URL, the registry's OCI-Chunk-Min-Length or 0)."""
+        r = self.c._request(
+            "POST",
+            f"/v2/{self.repo}/blobs/uploads/",
+            scopes=self.push,
+            ok=(202,),
+            headers={"Content-Length": "0"},
+            kind="upload",
+            what=f"start upload to {self.repo}",
+            max_body=MAX_ERROR_BODY,
+            budget=self.budget,
+        )
+        loc = r.headers.get("Location")
+        if not loc:
+            raise RegistryResponseError(f"{self.c.registry}: upload to {self.repo}: no Location")
+        min_len = r.headers.get("OCI-Chunk-Min-Length", "")
+        return self.c._transport.resolve(loc), int(min_len) if min_len.isdigit() else 0
 
     def _moved(self, location: str, offset: int) -> None:
         self.location, self.offset = location, offset
@@ -451,7 +256,7 @@ class Upload:
             r = self.c._request(
                 "GET",
                 location,
-                scopes=self.c._push(self.repo),
+                scopes=self.push,
                 ok=(204, 200),
                 missing_ok=True,
                 kind="upload",
@@ -499,7 +304,7 @@ class Upload:
             return self.c._request(
                 method,
                 url,
-                scopes=self.c._push(self.repo),
+                scopes=self.push,
                 ok=ok,
                 headers=headers,
                 body=body,
@@ -517,7 +322,7 @@ class Upload:
         assert isinstance(src, Stored) and src.size is not None
         self._step(
             "PUT",
-            self.c._with_digest(self._loc(), src.digest()),
+            _with_digest(self._loc(), src.digest()),
             headers={
                 "Content-Type": "application/octet-stream",
                 "Content-Length": str(src.size),
@@ -619,3 +424,77 @@ def _retryable(e: BaseException) -> bool:
     if isinstance(e, RegistryUnreachable):
         return getattr(e, "retryable", True) is not False
     return isinstance(e, RegistryResponseError) and e.status in RETRYABLE_STATUS
+
+
+def _with_digest(location: str, digest: str) -> str:
+    sep = "&" if urlsplit(location).query else "?"
+    return f"{location}{sep}digest={quote(digest, safe='')}"
+
+
+class Uploads(RegistryAPI):
+    """The upload endpoints of :class:`~barge.oci.client.RegistryClient`."""
+
+    def upload_blob(
+        self,
+        ref: Reference,
+        digest: str,
+        size: int,
+        open_at: Callable[[int], BinaryIO],
+        *,
+        chunk_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Upload a blob into ``ref``'s repository: one ``PUT`` with the body when
+        ``chunk_size`` is None, else ``PATCH`` requests of ``chunk_size`` bytes (a session kept
+        across runs, so a killed upload continues where the registry says it stands).
+        ``open_at(offset)`` gives the bytes from ``offset`` (called again for every attempt).
+        ``progress(delta)`` gets bytes sent (negative when a restart undoes some); the deltas
+        of a success sum to ``size``."""
+        label = transfer_label.get()
+        what = short_digest(digest) + (f" ({label})" if label else "")
+        Upload(
+            self,
+            ref,
+            Stored(digest, size, open_at),
+            what=what,
+            chunk=chunk_size,
+            monolithic=chunk_size is None,
+            key=f"blob:{digest}:{size}",
+            progress=progress,
+        ).run()
+
+    def upload_stream(
+        self,
+        ref: Reference,
+        produce: Callable[[], Iterable[bytes]],
+        *,
+        chunk_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+        before_commit: Callable[[str, int], None] | None = None,
+        resume_key: str | None = None,
+    ) -> tuple[str, int]:
+        """Upload a blob while it is being produced (compressed): its digest and size are known
+        only at the end. Returns ``(digest, size)``. ``before_commit(digest, size)`` runs once
+        all bytes are sent, before the ``PUT`` that makes the blob exist, so a caller can record
+        what it is about to create (a process killed after the PUT then still knows it).
+
+        With ``chunk_size`` None the bytes go in one streamed ``PATCH`` (chunked transfer
+        encoding), so producing and sending overlap and nothing is spooled; otherwise in
+        ``PATCH`` requests of ``chunk_size`` bytes (registries that cap PATCH bodies). Then
+        ``PUT ?digest=`` closes the session. To continue at an offset (a failed PATCH, a
+        resumed session) ``produce()`` is called again and the bytes before it are hashed but
+        not sent, so it must yield the same bytes each time (barge's encoder is
+        deterministic). ``resume_key`` (naming exactly these bytes) keeps the session across
+        runs. ``progress(delta)`` as for :meth:`upload_blob`.
+        """
+        label = transfer_label.get()
+        return Upload(
+            self,
+            ref,
+            Produced(produce),
+            what="a blob" + (f" ({label})" if label else ""),
+            chunk=chunk_size,
+            monolithic=False,
+            key=f"stream:{resume_key}" if resume_key else None,
+            progress=progress,
+        ).run(before_commit)
