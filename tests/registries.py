@@ -16,6 +16,9 @@ Helpers for other tests: :class:`RunningRegistry`, :func:`start_registry`,
 into a registry without the client under test are :mod:`seed`.
 
 Every process is stopped by its PID (terminate, wait, kill, wait); every wait is bounded.
+The module is a little over 600 lines: it is the servers a registry test needs (the registry
+process, the CA it serves with, the token server it trusts, the object store it redirects
+to), each small, with the fixtures that start them.
 """
 
 from __future__ import annotations
