@@ -18,7 +18,6 @@ from click.testing import CliRunner
 
 from barge.cli import main
 from barge.oci.api import RegistryAPI
-from barge.oci.types import is_digest
 from barge.reference import Reference
 
 MiB = 1 << 20
@@ -48,10 +47,8 @@ def sha(data: bytes) -> str:
 
 def at(client: RegistryAPI | str, repository: str, tag_or_digest: str | None = None) -> Reference:
     """``repository`` on ``client``'s registry (or the registry named), at a tag or digest."""
-    registry = client if isinstance(client, str) else client.registry
-    if tag_or_digest is not None and is_digest(tag_or_digest):
-        return Reference(registry, repository, digest=tag_or_digest)
-    return Reference(registry, repository, tag_or_digest)
+    ref = Reference(client if isinstance(client, str) else client.registry, repository)
+    return ref if tag_or_digest is None else ref.at(tag_or_digest)
 
 
 def opener(data: bytes, calls: list[int] | None = None) -> Callable[[int], io.BytesIO]:

@@ -473,4 +473,7 @@ def test_reference_scope_and_host() -> None:
     assert r.scope("pull") == "repository:team/vm:pull"
     assert r.scope("pull", "push") == "repository:team/vm:pull,push"
     assert r.same_repository(parse("[::1]:5000/team/vm@" + SHA))
+    assert r.at("v2") == r.with_tag("v2") and r.at(SHA).ref == SHA
+    with pytest.raises(ReferenceError):
+        r.at("sha256:short")
     assert not r.same_repository(parse("[::1]:5001/team/vm"))

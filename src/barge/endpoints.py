@@ -16,7 +16,7 @@ from typing import BinaryIO, Protocol, cast
 
 from barge.errors import NotFoundError, UsageError
 from barge.oci.client import RegistryClient
-from barge.oci.types import Manifest, is_digest, media_type_of, sha256_digest
+from barge.oci.types import Manifest, media_type_of, sha256_digest
 from barge.reference import (
     LAYOUT_KINDS,
     Reference,
@@ -116,19 +116,11 @@ class RegistryEnd:
         return False
 
     def get_manifest(self, reference: str) -> Manifest:
-        return self.client.get_manifest(self._at(reference))
+        return self.client.get_manifest(self.ref.at(reference))
 
     def put_manifest(self, data: bytes, media_type: str, tag: str | None) -> str:
         target = self.ref.with_tag(tag) if tag else self.ref.with_digest(sha256_digest(data))
         return self.client.put_manifest(target, data, media_type)
-
-    def _at(self, reference: str) -> Reference:
-        """This repository at a tag or digest."""
-        return (
-            self.ref.with_digest(reference)
-            if is_digest(reference)
-            else self.ref.with_tag(reference)
-        )
 
 
 class LayoutEnd:

@@ -436,6 +436,13 @@ class Reference:
         """The same repository and tag, pinned to ``digest``."""
         return replace(self, digest=validate_digest(digest))
 
+    def at(self, tag_or_digest: str) -> Reference:
+        """The same repository at a tag (:meth:`with_tag`) or a digest (:meth:`with_digest`),
+        whichever ``tag_or_digest`` is: what ``/v2/<repo>/manifests/<ref>`` takes."""
+        if ":" in tag_or_digest:  # a tag never has one
+            return self.with_digest(tag_or_digest)
+        return self.with_tag(tag_or_digest)
+
     def without_tag_or_digest(self) -> Reference:
         """Only the repository."""
         return replace(self, tag=None, digest=None)
