@@ -13,18 +13,17 @@ from hypothesis import strategies as st
 
 from barge.errors import ExitCode, UsageError
 from barge.reference import (
-    LAYOUT_KINDS,
-    LayoutReference,
+    LAYOUT_SCHEMES,
     Reference,
     ReferenceError,
     Registry,
-    is_layout,
     layout_key,
     looks_like_reference,
     parse,
     parse_layout,
     parse_location,
     parse_registry,
+    parse_registry_host,
     parse_repository,
     validate_digest,
     validate_tag,
@@ -372,7 +371,8 @@ def test_arbitrary_text_parses_or_raises_reference_error(s: str) -> None:
 )
 def test_parse_layout(s: str, expected: tuple[str, Path, str | None]) -> None:
     loc = parse_layout(s)
-    assert (loc.kind, loc.path, loc.tag) == expected
+    assert loc.path is not None
+    assert (loc.scheme, Path(loc.path), loc.tag) == expected
     assert parse_location(s) == loc
 
 
@@ -393,22 +393,23 @@ def test_parse_layout_invalid(s: str, reason: str) -> None:
 
 def test_layout_reference() -> None:
     loc = parse_layout("oci-archive:img.tar:sonoma")
-    assert loc == LayoutReference("oci-archive", Path("img.tar"), "sonoma")
-    assert loc.archive and loc.ref == "sonoma" and str(loc) == "oci-archive:img.tar:sonoma"
-    assert loc.key == os.path.abspath("img.tar")
-    assert loc.without_tag().ref == "latest" and str(loc.without_tag()) == "oci-archive:img.tar"
-    assert loc.with_tag("v2").tag == "v2"
+    assert loc == Reference.layout("oci-archive", Path("img.tar"), "sonoma")
+    assert loc.is_layout and loc.ref == "sonoma" and str(loc) == "oci-archive:img.tar:sonoma"
+    assert loc.cache_key() == ("oci-archive", os.path.abspath("img.tar"), "sonoma")
+    assert loc.at(SHA).ref == SHA and loc.at("v2").tag == "v2"
+    assert loc.same_repository(loc.without_tag_or_digest())
+    assert not loc.same_repository(Reference.layout("oci", "img.tar"))
     assert layout_key("a/./b/../c/") == os.path.abspath("a/c")
-    assert LAYOUT_KINDS == ("oci", "oci-archive")
+    assert LAYOUT_SCHEMES == ("oci", "oci-archive")
     for bad in (
-        lambda: LayoutReference("oci", Path("d"), "bad tag"),
-        lambda: LayoutReference("oci", Path("a\0b")),
+        lambda: Reference.layout("oci", "d", "bad tag"),
+        lambda: Reference.layout("oci", ""),
+        lambda: Reference.layout("oci", "a\0b"),
         lambda: loc.with_tag("-x"),
     ):
         with pytest.raises(ReferenceError):
             bad()
-    assert isinstance(parse_location("ghcr.io/a/b:1"), Reference)
-    assert is_layout("oci:x") and not is_layout("ocix:y")
+    assert not parse_location("ghcr.io/a/b:1").is_layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,3 +478,26 @@ def test_reference_scope_and_host() -> None:
     with pytest.raises(ReferenceError):
         r.at("sha256:short")
     assert not r.same_repository(parse("[::1]:5001/team/vm"))
+
+
+@pytest.mark.parametrize(
+    ("value", "name"),
+    [
+        ("ghcr.io", "ghcr.io"),
+        ("https://index.docker.io/v1/", "docker.io"),
+        ("registry-1.docker.io", "registry-1.docker.io"),
+        ("http://localhost:05000", "localhost:5000"),
+        (" [::1]:5000/ignored/path ", "[::1]:5000"),
+    ],
+)
+def test_parse_registry_host(value: str, name: str) -> None:
+    assert parse_registry_host(value) == name
+
+
+def test_parse_registry_host_invalid() -> None:
+    with pytest.raises(UsageError, match="missing registry host"):
+        parse_registry_host("https://")
+    with pytest.raises(
+        UsageError, match=re.escape("not a registry host: 'foo' (expected HOST[:PORT])")
+    ):
+        parse_registry_host("foo")

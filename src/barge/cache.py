@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from barge.disk.sparse import allocated_bytes
-from barge.endpoints import cached_ref_text, parse_location
+from barge.endpoints import parse_location
 from barge.errors import ConflictError, NotFoundError
 from barge.local import CloneResult, clone_dir
 from barge.progress import Reporter
 from barge.pull import PullOptions, PullResult, pull
+from barge.reference import cached_spelling
 from barge.store import Store, VMConfig, validate_vm_name
 from barge.store.catalog import ImageRow
 
@@ -22,7 +23,7 @@ def cached_image_info(store: Store, img: ImageRow) -> list[dict[str, Any]]:
     except (OSError, ValueError, Exception):
         return []
     refs = store.catalog.refs(img.digest)
-    names = [cached_ref_text(r.registry, r.repository, r.tag, r.digest) for r in refs] or [
+    names = [cached_spelling(r.registry, r.repository, r.tag, r.digest) for r in refs] or [
         img.digest
     ]
     rows = []
@@ -57,7 +58,7 @@ def cached_info(store: Store, ref_text: str) -> dict[str, Any]:
     img = store.catalog.get_image(rows[0][3])
     if img is None:
         raise NotFoundError(f"no cached image {ref_text!r}")
-    want = cached_ref_text(*rows[0])
+    want = cached_spelling(*rows[0])
     for info in cached_image_info(store, img):
         if info["reference"] == want:
             info["disks"] = [
@@ -140,4 +141,4 @@ def delete_cached(store: Store, ref_text: str) -> list[str]:
     orphans = digests - still
     if orphans:
         store.gc(only=orphans, clean_tmp=False)  # resumable work in tmp/ stays
-    return [cached_ref_text(*r) for r in rows]
+    return [cached_spelling(*r) for r in rows]

@@ -18,9 +18,8 @@ from barge.errors import NotFoundError, UsageError
 from barge.oci.client import RegistryClient
 from barge.oci.types import Manifest, media_type_of, sha256_digest
 from barge.reference import (
-    LAYOUT_KINDS,
+    LAYOUT_SCHEMES,
     Reference,
-    is_layout,
     layout_key,
     looks_like_reference,
     parse,
@@ -261,31 +260,21 @@ class Location:
         is "" when none was given (a digest, if any, is ``ref.digest``)."""
         if self.kind == "registry":
             assert self.ref is not None
-            return self.ref.registry, self.ref.repository, self.ref.tag or ""
-        if self.kind in LAYOUT_KINDS:
+            return self.ref.cache_key()
+        if self.kind in LAYOUT_SCHEMES:
             assert self.path is not None
             return self.kind, layout_key(self.path), self.tag or ""
         raise UsageError(f"{self} is a local VM, not an image location")
 
 
-def cached_ref_text(registry: str, repository: str, tag: str, digest: str) -> str:
-    """The one spelling of a cached reference: ``list`` shows it, and ``get``, ``verify``,
-    ``clone``, ``delete`` and ``pull`` take it back (:func:`parse_location` reads it as the same
-    :meth:`Location.cache_key`)."""
-    if registry in LAYOUT_KINDS:
-        text = f"{registry}:{repository}"
-        if tag:
-            return f"{text}:{tag}"
-        # a path whose last ':' is followed by something tag-like needs the empty tag ("…:")
-        return text if parse_location(text).tag is None else f"{text}:"
-    return f"{registry}/{repository}:{tag}" if tag else f"{registry}/{repository}@{digest}"
-
-
 def parse_location(text: str, *, allow_vm: bool = True) -> Location:
     """``myvm`` | ``host[:port]/repo[:tag][@digest]`` | ``oci:PATH[:tag]`` | ``oci-archive:FILE``."""
-    if is_layout(text):
+    if text.startswith(("oci:", "oci-archive:")):
         layout = parse_layout(text)
-        return Location(kind=layout.kind, path=layout.path, tag=layout.tag)
+        if layout.digest is not None:
+            raise UsageError(f"{text!r}: a digest in an OCI layout location is not taken here")
+        assert layout.path is not None
+        return Location(kind=layout.scheme, path=Path(layout.path), tag=layout.tag)
     if allow_vm and not looks_like_reference(text):
         return Location(kind="vm", name=text)
     return Location(kind="registry", ref=parse(text))

@@ -17,11 +17,10 @@ The grammar is Docker's (``github.com/distribution/reference``: ``regexp.go`` an
   decides what is fetched;
 * the full normalised name (``registry/repository``) is at most 255 characters.
 
-Besides registry references, this module names the other places an image can be: an OCI
-layout directory ``oci:PATH[:tag]`` or archive ``oci-archive:FILE[:tag]``
-(:class:`LayoutReference`, skopeo's spelling), and the registry host alone
-(:class:`Registry`: split once into host name and port, so nothing else parses ``host:port``).
-:func:`parse_location` reads either kind of image location.
+Besides registry references, a :class:`Reference` names an image in an OCI layout directory
+``oci:PATH[:tag]`` or archive ``oci-archive:FILE[:tag]`` (skopeo's spelling; regclient's one
+``Ref`` has an ``ocidir`` scheme beside ``reg`` in the same way), and :class:`Registry` is the
+registry host alone, split once into host name and port, so nothing else parses ``host:port``.
 
 Where barge is stricter than Docker, on purpose:
 
@@ -42,35 +41,42 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
+from pathlib import PurePath as _PurePath
 from typing import Literal
 
 from barge.errors import UsageError
-from barge.untrusted import printable
 
 __all__ = [
     "DEFAULT_REGISTRY",
-    "LAYOUT_KINDS",
+    "LAYOUT_SCHEMES",
     "MISSING_HOST",
     "NAME_TOTAL_LENGTH_MAX",
     "TAG_LENGTH_MAX",
-    "ImageLocation",
-    "LayoutKind",
-    "LayoutReference",
     "Reference",
     "ReferenceError",
     "Registry",
-    "is_layout",
+    "Scheme",
+    "cached_spelling",
     "layout_key",
     "looks_like_reference",
     "parse",
     "parse_layout",
     "parse_location",
     "parse_registry",
+    "parse_registry_host",
     "parse_repository",
     "validate_digest",
     "validate_tag",
 ]
+
+#: Where an image reference points: a registry repository, an OCI image layout directory, or an
+#: OCI archive (a tar of a layout).
+Scheme = Literal["registry", "oci", "oci-archive"]
+#: The layout schemes. In the catalog a cached image pulled from a layout is keyed (registry =
+#: the scheme, repository = the layout's absolute path, tag): no registry reference is ever spelt
+#: "oci" or "oci-archive" (a name without '.' or ':' is a repository on docker.io), so the two
+#: never meet.
+LAYOUT_SCHEMES: tuple[Scheme, ...] = ("oci", "oci-archive")
 
 DEFAULT_REGISTRY = "docker.io"
 LEGACY_DEFAULT_REGISTRY = "index.docker.io"
@@ -357,10 +363,12 @@ def parse_registry(text: str, *, url: bool = False) -> Registry:
 
 @dataclass(frozen=True)
 class Reference:
-    """A normalised image reference.
+    """A normalised image reference: a registry repository, or an OCI layout (as regclient's
+    one ``Ref`` names both), with an optional tag and digest.
 
     Constructing one directly validates and normalises the fields the same way :func:`parse`
-    does, so every instance satisfies ``str(parse(str(r))) == str(r)``.
+    does, so every instance satisfies ``str(parse_location(str(r))) == str(r)``. A layout
+    reference is made with :meth:`layout`; its ``registry`` and ``repository`` are empty.
     """
 
     registry: str
@@ -369,26 +377,49 @@ class Reference:
     """Path within the registry, e.g. ``library/ubuntu``."""
     tag: str | None = None
     digest: str | None = None
+    scheme: Scheme = "registry"
+    """``registry``, or a layout: ``oci`` (a directory) or ``oci-archive`` (a tar file)."""
+    path: str | None = None
+    """The layout's path as given (layouts only)."""
 
     def __post_init__(self) -> None:
         try:
-            registry, repository = _normalise(self.registry, self.repository)
             if self.tag is not None:
                 _check_tag(self.tag)
             if self.digest is not None:
                 _check_digest(self.digest)
+            if self.scheme != "registry":
+                _check_layout(self)
+                return
+            registry, repository = _normalise(self.registry, self.repository)
         except _Invalid as e:
             raise ReferenceError(f"invalid reference {_quote(self._raw())}: {e.reason}") from None
         object.__setattr__(self, "registry", registry)
         object.__setattr__(self, "repository", repository)
 
+    @classmethod
+    def layout(
+        cls,
+        scheme: Scheme,
+        path: str | os.PathLike[str],
+        tag: str | None = None,
+        digest: str | None = None,
+    ) -> Reference:
+        """An image in the OCI layout at ``path`` (``scheme`` ``oci`` or ``oci-archive``)."""
+        return cls("", "", tag, digest, scheme, os.fspath(path))
+
     def _raw(self) -> str:
-        s = f"{self.registry}/{self.repository}"
+        s = f"{self.scheme}:{self.path}" if self.is_layout else f"{self.registry}/{self.repository}"
         if self.tag is not None:
             s += f":{self.tag}"
         if self.digest is not None:
             s += f"@{self.digest}"
         return s
+
+    @property
+    def is_layout(self) -> bool:
+        """An OCI layout directory or archive rather than a registry."""
+        return self.scheme != "registry"
 
     @cached_property
     def registry_host(self) -> Registry:
@@ -411,17 +442,20 @@ class Reference:
         return f"repository:{self.repository}:{','.join(actions)}"
 
     def same_repository(self, other: Reference) -> bool:
-        """Same registry and repository (tags and digests aside)."""
-        return self.registry == other.registry and self.repository == other.repository
+        """Same registry and repository, or the same layout (tags and digests aside)."""
+        return self.scheme == other.scheme and self.name == other.name
 
     @property
     def name(self) -> str:
-        """``registry/repository``."""
-        return f"{self.registry}/{self.repository}"
+        """``registry/repository`` (a layout: ``scheme:path``): the reference without tag or
+        digest."""
+        return (
+            f"{self.scheme}:{self.path}" if self.is_layout else f"{self.registry}/{self.repository}"
+        )
 
     @property
     def ref(self) -> str:
-        """What to ask the registry for: the digest if set, else the tag, else ``latest``."""
+        """What to ask for: the digest if set, else the tag, else ``latest``."""
         if self.digest is not None:
             return self.digest
         if self.tag is not None:
@@ -447,8 +481,39 @@ class Reference:
         """Only the repository."""
         return replace(self, tag=None, digest=None)
 
+    def cache_key(self) -> tuple[str, str, str]:
+        """(registry, repository, tag) as the catalog keys an image pulled from here; the tag is
+        "" when none was given (a digest, if any, is :attr:`digest`). A layout is keyed by its
+        scheme and :func:`layout_key` of its path."""
+        if self.is_layout:
+            assert self.path is not None
+            return self.scheme, layout_key(self.path), self.tag or ""
+        return self.registry, self.repository, self.tag or ""
+
     def __str__(self) -> str:
         return self._raw()
+
+
+def _check_layout(r: Reference) -> None:
+    if r.scheme not in LAYOUT_SCHEMES:
+        raise _Invalid(f"unknown scheme {_quote(str(r.scheme))}")
+    if r.registry or r.repository:
+        raise _Invalid("a layout reference has a path, not a registry and repository")
+    if not r.path:
+        raise _Invalid("the path is empty")
+    if "\0" in r.path:
+        raise _Invalid("NUL in path")
+
+
+def layout_key(path: str | os.PathLike[str]) -> str:
+    """The stable name of a layout path: absolute and normalised (``.``, ``..`` and repeated
+    or trailing ``/`` resolved lexically, as typed; symbolic links are not followed)."""
+    text = os.path.abspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"the path {_quote(text)} is not valid UTF-8") from None
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,108 +605,33 @@ def parse_repository(s: str) -> Reference:
         raise ReferenceError(f"invalid repository name {_quote(s)}: {e.reason}") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# OCI layouts: the other place an image can be
-
-LayoutKind = Literal["oci", "oci-archive"]
-
-#: The kinds of OCI layout locations, as spelt before the ``:`` (skopeo's transports). No
-#: registry reference is spelt ``oci:…`` (a first component without ``.`` or ``:`` is a
-#: repository on docker.io), so ``kind`` never meets a registry name: the catalog keys an
-#: image pulled from a layout (kind, :attr:`LayoutReference.key`, tag).
-LAYOUT_KINDS: tuple[LayoutKind, ...] = ("oci", "oci-archive")
-
-
-def layout_key(path: str | os.PathLike[str]) -> str:
-    """The stable name of a layout path: absolute and normalised (``.``, ``..`` and repeated
-    or trailing ``/`` resolved lexically, as typed; symbolic links are not followed)."""
-    text = os.path.abspath(path)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"the path {printable(text)} is not valid UTF-8") from None
-    return text
-
-
-@dataclass(frozen=True)
-class LayoutReference:
-    """An OCI image layout location: a directory (``oci:PATH[:tag]``) or a tar archive
-    (``oci-archive:FILE[:tag]``), and the tag that names an image in its ``index.json``.
-
-    The sibling of :class:`Reference` (as regclient's one ``Ref`` has an ``ocidir`` scheme
-    beside ``reg``): ``tag``, :attr:`ref`, :meth:`with_tag` mean the same; ``path`` and
-    ``kind`` stand where the registry and repository are. Constructing one validates the tag
-    and the path (no NUL; :func:`parse_layout` also refuses an empty one)."""
-
-    kind: LayoutKind
-    path: Path
-    tag: str | None = None
-
-    def __post_init__(self) -> None:
-        text = str(self)
-        if self.kind not in LAYOUT_KINDS:
-            raise ReferenceError(f"invalid OCI layout location {_quote(text)}: unknown kind")
-        raw = os.fspath(self.path)
-        if raw == "":
-            raise ReferenceError(f"invalid OCI layout location {_quote(text)}: the path is empty")
-        if "\0" in raw:
-            raise ReferenceError(f"invalid OCI layout location {_quote(text)}: NUL in path")
-        if self.tag is not None:
-            try:
-                _check_tag(self.tag)
-            except _Invalid as e:
-                raise ReferenceError(
-                    f"invalid OCI layout location {_quote(text)}: {e.reason}"
-                ) from None
-        object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def archive(self) -> bool:
-        """A tar archive (``oci-archive:``) rather than a directory."""
-        return self.kind == "oci-archive"
-
-    @property
-    def key(self) -> str:
-        """The layout's stable name: its absolute normalised path (:func:`layout_key`)."""
-        return layout_key(self.path)
-
-    @property
-    def ref(self) -> str:
-        """The tag to look up in ``index.json``: the tag if set, else ``latest``."""
-        return self.tag if self.tag is not None else "latest"
-
-    def with_tag(self, tag: str) -> LayoutReference:
-        return replace(self, tag=validate_tag(tag))
-
-    def without_tag(self) -> LayoutReference:
-        return replace(self, tag=None)
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{os.fspath(self.path)}" + (f":{self.tag}" if self.tag else "")
-
-
-#: What :func:`parse_location` reads: an image in a registry or in an OCI layout.
-ImageLocation = Reference | LayoutReference
-
-
-def parse_layout(s: str) -> LayoutReference:
-    """Parse ``oci:PATH[:tag]`` / ``oci-archive:FILE[:tag]``.
+def parse_layout(s: str) -> Reference:
+    """Parse ``oci:PATH[:tag][@digest]`` / ``oci-archive:FILE[:tag][@digest]``.
 
     As in skopeo, the tag follows a ':' after the path. barge takes the *last* ':' and only
     if what follows is a valid tag (so ``oci:/a:b/dir`` is the path ``/a:b/dir``, and
     ``oci:dir:v1`` is the path ``dir`` with tag ``v1``). An empty tag (``oci:dir:``) means no
-    tag, as in skopeo. Raises :class:`ReferenceError` (a usage error).
+    tag, as in skopeo. A trailing ``@sha256:<hex>`` pins the image by digest.
     """
-    kind: LayoutKind
+    scheme: Scheme
     if s.startswith("oci:"):
-        kind, rest = "oci", s[len("oci:") :]
+        scheme, rest = "oci", s[len("oci:") :]
     elif s.startswith("oci-archive:"):
-        kind, rest = "oci-archive", s[len("oci-archive:") :]
+        scheme, rest = "oci-archive", s[len("oci-archive:") :]
     else:
-        raise ReferenceError(
-            f"invalid OCI layout location {_quote(s)}: expected oci:PATH[:tag] or "
+        raise UsageError(
+            f"invalid OCI layout location {json.dumps(s)}: expected oci:PATH[:tag] or "
             "oci-archive:FILE[:tag]"
         )
+    digest: str | None = None
+    head, at, tail = rest.rpartition("@")
+    if at:
+        try:
+            _check_digest(tail)
+        except _Invalid:
+            pass
+        else:
+            rest, digest = head, tail
     tag: str | None = None
     colon = rest.rfind(":")
     if colon != -1:
@@ -656,20 +646,40 @@ def parse_layout(s: str) -> LayoutReference:
             else:
                 rest, tag = rest[:colon], candidate
     if rest == "":
-        raise ReferenceError(f"invalid OCI layout location {_quote(s)}: the path is empty")
+        raise UsageError(f"invalid OCI layout location {json.dumps(s)}: the path is empty")
     if "\0" in rest:
-        raise ReferenceError(f"invalid OCI layout location {_quote(s)}: NUL in path")
-    return LayoutReference(kind, Path(rest), tag)
+        raise UsageError(f"invalid OCI layout location {json.dumps(s)}: NUL in path")
+    # a Path's spelling, as the layout ends show it ("dir/" is "dir")
+    return Reference.layout(scheme, os.fspath(_PurePath(rest)), tag, digest)
 
 
-def is_layout(s: str) -> bool:
-    """Does ``s`` name an OCI layout (``oci:`` or ``oci-archive:``)?"""
-    return s.startswith(("oci:", "oci-archive:"))
+def parse_location(s: str) -> Reference:
+    """An image location as a user types it: ``host[:port]/repo[:tag][@digest]``,
+    ``oci:PATH[:tag]`` or ``oci-archive:FILE[:tag]``."""
+    if s.startswith(("oci:", "oci-archive:")):
+        return parse_layout(s)
+    return parse(s)
 
 
-def parse_location(s: str) -> ImageLocation:
-    """An image location: ``oci:PATH[:tag]`` / ``oci-archive:FILE[:tag]`` as a
-    :class:`LayoutReference`, anything else as a registry :class:`Reference`
-    (``[host[:port]/]path[:tag][@digest]``). A VM name is neither: callers that also take
-    one check :func:`looks_like_reference` first."""
-    return parse_layout(s) if is_layout(s) else parse(s)
+def parse_registry_host(value: str) -> str:
+    """``HOST[:PORT]`` (a URL is accepted: its scheme and path are dropped) -> the canonical
+    registry name, as references spell it (:func:`parse_registry`'s :attr:`Registry.name`)."""
+    try:
+        return parse_registry(value, url=True).name
+    except ReferenceError as e:
+        if e.message == MISSING_HOST:
+            raise
+        raise UsageError(f"not a registry host: {value!r} (expected HOST[:PORT])") from None
+
+
+def cached_spelling(registry: str, repository: str, tag: str, digest: str) -> str:
+    """The one spelling of a cached reference (a catalog row): ``list`` shows it, and ``get``,
+    ``verify``, ``clone``, ``delete`` and ``pull`` take it back (:func:`parse_location` reads
+    it as the same :meth:`Reference.cache_key`)."""
+    if registry in LAYOUT_SCHEMES:
+        text = f"{registry}:{repository}"
+        if tag:
+            return f"{text}:{tag}"
+        # a path whose last ':' is followed by something tag-like needs the empty tag ("…:")
+        return text if parse_layout(text).tag is None else f"{text}:"
+    return f"{registry}/{repository}:{tag}" if tag else f"{registry}/{repository}@{digest}"

@@ -33,7 +33,7 @@ from barge.errors import IntegrityError, NotFoundError, UnsupportedError
 from barge.formats.tart import REORDERED_MESSAGE, parse_tart_manifest
 from barge.oci.types import Descriptor, Manifest
 from barge.progress import NullReporter, Reporter, Task
-from barge.reference import LAYOUT_KINDS
+from barge.reference import LAYOUT_SCHEMES
 from barge.store import Store, VMConfig
 from barge.untrusted import load_json
 
@@ -468,7 +468,7 @@ def verify(
         vm = store.get_vm(loc.name)
         with store.lock_vm(vm.name, shared=True):
             return verify_dir(vm.path, text, "vm")
-    if loc.kind in ("registry", *LAYOUT_KINDS) and not remote:  # the cached copy, if any
+    if loc.kind in ("registry", *LAYOUT_SCHEMES) and not remote:  # the cached copy, if any
         from barge.cache import find_cached
 
         rows = find_cached(store, text)

@@ -11,14 +11,7 @@ from barge.cli import echo, emit_json, format_option, main, timeout_options
 from barge.errors import IntegrityError, UsageError
 from barge.oci import CredentialStore, RegistryClient
 from barge.oci.types import Descriptor, Manifest
-from barge.reference import (
-    MISSING_HOST,
-    Reference,
-    ReferenceError,
-    parse,
-    parse_registry,
-    parse_repository,
-)
+from barge.reference import Reference, parse, parse_registry_host, parse_repository
 from barge.untrusted import load_json
 
 SIZE_ANNOTATIONS = (
@@ -29,16 +22,6 @@ SIZE_ANNOTATIONS = (
 MAX_CONFIG = 4 << 20
 
 
-def _registry_host(value: str) -> str:
-    """``HOST[:PORT]`` (a URL is accepted) -> canonical registry name."""
-    try:
-        return parse_registry(value, url=True).name
-    except ReferenceError as e:
-        if e.message == MISSING_HOST:
-            raise
-        raise UsageError(f"not a registry host: {value!r} (expected HOST[:PORT])") from None
-
-
 @main.command()
 @click.argument("host")
 @click.option("-u", "--username", help="User name (prompted for when missing).")
@@ -47,7 +30,7 @@ def _registry_host(value: str) -> str:
 @timeout_options
 def login(host: str, username: str | None, password_stdin: bool, insecure: bool) -> None:
     """Log in to a registry; credentials go to $BARGE_HOME/auth.json (mode 0600)."""
-    registry = _registry_host(host)
+    registry = parse_registry_host(host)
     if username is None:
         username = click.prompt("Username", err=True)
     if password_stdin:
@@ -68,7 +51,7 @@ def login(host: str, username: str | None, password_stdin: bool, insecure: bool)
 @click.argument("host")
 def logout(host: str) -> None:
     """Forget the credentials stored for a registry."""
-    registry = _registry_host(host)
+    registry = parse_registry_host(host)
     if CredentialStore().remove(registry):
         echo(f"Removed credentials for {registry}")
     else:

@@ -4,7 +4,8 @@ Modules: :mod:`.common` (constants, digest paths, the verifying reader, index.js
 the read API both readers share), :mod:`.directory` (:class:`OCILayout`: read and write),
 :mod:`.archive_reader` (:class:`OCIArchiveReader`), :mod:`.archive_writer`
 (:class:`OCIArchiveWriter`, :func:`write_archive`). Location strings are
-:class:`barge.reference.LayoutReference`.
+:func:`barge.reference.parse_layout` (a :class:`~barge.reference.Reference` with a layout
+scheme).
 
 Implements https://github.com/opencontainers/image-spec/blob/main/image-layout.md so that
 skopeo, podman and friends read what barge writes and barge reads what they write:
@@ -41,7 +42,6 @@ from barge.oci.layout.common import (
     ReadableStream,
 )
 from barge.oci.layout.directory import OCILayout
-from barge.reference import LayoutKind
 
 __all__ = [
     "CHUNK_SIZE",
@@ -49,7 +49,6 @@ __all__ = [
     "MAX_INDEX_SIZE",
     "MAX_MANIFEST_SIZE",
     "REF_NAME_ANNOTATION",
-    "LayoutKind",
     "OCIArchiveReader",
     "OCIArchiveWriter",
     "OCILayout",
