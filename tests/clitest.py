@@ -128,3 +128,14 @@ def wait_until(cond: Callable[[], bool], timeout: float = 60, what: str = "") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or cond}")
         time.sleep(0.01)
+
+
+def skopeo_digest(ref: str) -> str:
+    """The digest of the manifest skopeo reads at ``ref`` (a registry without TLS)."""
+    raw = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return "sha256:" + hashlib.sha256(raw).hexdigest()

@@ -3,10 +3,7 @@ mounted, resumed; all tags; no blob traffic for tags."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,48 +11,15 @@ import pytest
 
 from barge.copy import CopyOptions, copy, tag
 from barge.errors import ExitCode, RegistryError
-from barge.local import create_vm
 from barge.oci.client import RegistryClient
 from barge.pull import pull
-from barge.push import PushOptions, push
+from barge.push import push
 from barge.store import Store
-from clitest import at, barge, sha256_file
+from clitest import at, barge, sha256_file, skopeo_digest
 from faultproxy import FaultProxy
+from localvms import SMALL, make_vm
 from registries import RunningRegistry
 from seed import push_image
-
-MiB = 1 << 20
-SMALL = PushOptions(chunk_size=8 * MiB, frame_size=1 * MiB)
-
-
-def make_disk(path: Path, size: int, seed: int = 1) -> None:
-    """A sparse disk: text, random data, zeros and holes at odd places."""
-    rnd = hashlib.sha256(str(seed).encode()).digest()
-    with open(path, "wb") as f:
-        f.truncate(size)
-        f.seek(1 * MiB + 123)
-        f.write((b"barge copy test data %d\n" % seed) * 30000)
-        f.seek(9 * MiB)
-        f.write(os.urandom(2 * MiB))
-        f.seek(size - 5000)
-        f.write(rnd * 100)
-
-
-def make_vm(store: Store, tmp: Path, name: str = "vm", seed: int = 1, **kw: str) -> Path:
-    disk = tmp / f"{name}.raw"
-    make_disk(disk, 24 * MiB + 4096, seed)
-    create_vm(store, name, from_disk=disk, **kw)  # type: ignore[arg-type]
-    return store.vm_path(name) / "disk.img"
-
-
-def skopeo_digest(ref: str) -> str:
-    raw = subprocess.run(
-        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 @pytest.fixture

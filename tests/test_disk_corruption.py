@@ -13,7 +13,7 @@ from barge.disk import ChunkMeta, FrameInfo, decode_chunk, decode_frame, validat
 from barge.disk.codec import parse_codec
 from barge.disk.index import zero_digest
 from barge.errors import IntegrityError
-from test_disk_roundtrip import FS, encode_file, make_disk
+from diskfiles import FS, encode_file, make_disk
 
 
 @pytest.fixture

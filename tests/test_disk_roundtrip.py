@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 
 from barge.disk import (
-    ChunkMeta,
     FrameIndex,
-    decode_chunk,
     decode_frame,
     encode_chunk,
     hash_chunk,
@@ -21,57 +19,10 @@ from barge.disk import (
     plan_chunks,
     write_zero_aware,
 )
-from barge.disk.codec import Codec
+from diskfiles import FS, decode_file, encode_file, make_disk
 
 KiB = 1 << 10
 MiB = 1 << 20
-FS = 64 * KiB  # small frames keep the tests fast; the code is the same at 4 MiB
-
-
-def make_disk(path: Path, size: int, writes: list[tuple[int, bytes]]) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, data in writes:
-            f.seek(off)
-            f.write(data)
-
-
-def encode_file(
-    path: Path,
-    name: str,
-    chunk_size: int,
-    frame_size: int = FS,
-    codec: Codec | None = None,
-    workers: int = 1,
-) -> tuple[list[ChunkMeta], dict[str, bytes]]:
-    codec = codec or parse_codec("zstd:1")
-    size = path.stat().st_size
-    metas: list[ChunkMeta] = []
-    blobs: dict[str, bytes] = {}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for plan in plan_chunks(name, size, chunk_size, frame_size=frame_size):
-            out = io.BytesIO()
-            enc = encode_chunk(fd, plan, frame_size, codec, out, workers=workers)
-            assert enc.csize == len(out.getvalue())
-            if enc.all_zero:
-                assert out.getvalue() == b""
-                continue
-            metas.append(enc.meta)
-            blobs[enc.cdigest] = out.getvalue()
-    finally:
-        os.close(fd)
-    return metas, blobs
-
-
-def decode_file(path: Path, size: int, metas: list[ChunkMeta], blobs: dict[str, bytes]) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.ftruncate(fd, size)
-        for m in metas:
-            decode_chunk(io.BytesIO(blobs[m.digest]), fd, m)
-    finally:
-        os.close(fd)
 
 
 def holes_supported(tmp_path: Path) -> bool:

@@ -15,8 +15,9 @@ from barge.errors import ExitCode
 from barge.local import create_vm
 from barge.store import Store
 from barge.verify import verify
+from clitest import barge, sha256_file
+from localvms import make_vm
 from registries import RunningRegistry
-from test_copy_registry import barge, make_vm, sha256_file
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -19,9 +19,9 @@ from barge.pull import PullOptions, host_platform, pull
 from barge.push import push
 from barge.store import Store
 from barge.verify import verify
-from clitest import at
+from clitest import at, barge, sha256_file, skopeo_digest
+from localvms import SMALL, make_vm
 from registries import RunningRegistry
-from test_copy_registry import SMALL, barge, make_vm, sha256_file, skopeo_digest
 
 
 @pytest.fixture

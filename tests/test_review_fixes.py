@@ -15,9 +15,9 @@ from barge.push import push
 from barge.store import Store
 from barge.verify import verify
 from clitest import barge
+from localvms import SMALL, make_vm
 from registries import RunningRegistry
 from seed import push_image, put_manifest
-from test_copy_registry import SMALL, make_vm
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ from barge.copy import copy
 from barge.pull import pull
 from barge.push import push
 from barge.store import Store
+from clitest import barge, sha256_file, skopeo_digest
+from localvms import SMALL, make_vm
 from registries import RunningRegistry
-from test_copy_registry import SMALL, barge, make_vm, sha256_file, skopeo_digest
 from vmimages import push_tart, vector_chunks
 
 pytestmark = pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo not installed")

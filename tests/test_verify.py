@@ -15,10 +15,10 @@ from barge.pull import pull
 from barge.push import push
 from barge.store import Store
 from barge.verify import verify
-from clitest import at, sha
+from clitest import at, barge, sha
+from localvms import SMALL, make_vm
 from registries import RunningRegistry
 from seed import push_image
-from test_copy_registry import SMALL, barge, make_vm
 from vmimages import push_tart, push_vetu, vector_chunks, vetu_disks
 
 MiB = 1 << 20
