@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from barge.errors import AuthError
+from barge.errors import AuthError, UsageError
 from barge.oci import (
     Credentials,
     CredentialStore,
@@ -21,6 +21,7 @@ from barge.oci import (
     Unauthorized,
 )
 from barge.oci.auth import parse_challenge
+from barge.oci.settings import settings_for
 from clitest import at, opener, sha
 from registries import RunningRegistry
 from seed import push_image, put_blob
@@ -294,6 +295,24 @@ def test_tls_ssl_cert_file(
     monkeypatch.setenv("SSL_CERT_FILE", str(registry_tls.ca_cert))
     c = fast(RegistryClient(registry_tls.host, home=barge_home))
     c.ping()
+
+
+def test_tls_ca_file_in_host_settings(registry_tls: RunningRegistry, barge_home: Path) -> None:
+    """The host's ``ca_file`` setting (as a registries.conf entry will give it) is trusted for
+    that host; a CA file that cannot be read is a usage error naming it, not a TLS failure."""
+    assert registry_tls.ca_cert is not None
+    hosts = {registry_tls.host: {"ca_file": str(registry_tls.ca_cert)}}
+    settings = settings_for(registry_tls.host, hosts=hosts)
+    assert settings.ca_file == str(registry_tls.ca_cert)
+    c = fast(RegistryClient(registry_tls.host, home=barge_home, settings=settings))
+    c.ping()
+    assert c._transport.base_url().startswith("https://")
+    other = settings_for("127.0.0.1:1", hosts=hosts)
+    assert other.ca_file is None  # another host's entry does not apply
+    missing = barge_home / "no-such-ca.pem"
+    bad = settings_for(registry_tls.host, hosts={registry_tls.host: {"ca_file": str(missing)}})
+    with pytest.raises(UsageError, match="cannot read the CA file .*no-such-ca.pem"):
+        RegistryClient(registry_tls.host, home=barge_home, settings=bad).ping()
 
 
 def test_tls_insecure_skips_verification(registry_tls: RunningRegistry, barge_home: Path) -> None:

@@ -30,6 +30,10 @@ Where barge is stricter than Docker, on purpose:
 * Hosts are validated for real: DNS labels of at most 63 characters, all-numeric hosts must be
   valid IPv4 addresses, bracketed IPv6 literals must parse with :mod:`ipaddress`, and the port
   is decimal in 1-65535 (written without leading zeros in the canonical form).
+
+The module is a little over 600 lines: it is one grammar (the host, the repository, the tag and
+digest, and the layout spelling that shares the tag and digest rules), and its checks are
+private so that nothing outside it takes a reference apart.
 """
 
 from __future__ import annotations
