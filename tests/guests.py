@@ -468,3 +468,14 @@ def running(workdir: Path, args: Sequence[str], **kw: Any) -> Iterator[Qemu]:
         yield vm.start()
     finally:
         vm.stop()
+
+
+def run_builder(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run scripts/build-guest.py ARGS (bounded), capturing its output."""
+    return subprocess.run(
+        [sys.executable, str(BUILDER), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )

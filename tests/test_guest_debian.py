@@ -23,6 +23,7 @@ from guests import (
     Qemu,
     kernel_boot_args,
     make_seed,
+    run_builder,
     ssh_keypair,
     uefi_args,
 )
@@ -143,8 +144,6 @@ def test_debian_guest_boots_by_kernel_and_through_ovmf(debian_guest: Guest, tmp_
 
 
 def test_debian_plan_without_an_apt_index_is_one_clear_error(tmp_path: Path) -> None:
-    from test_guests import run_builder
-
     env = {
         **os.environ,
         "BARGE_GUEST_CACHE": str(tmp_path / "cache"),

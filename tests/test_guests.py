@@ -22,6 +22,7 @@ from guests import (
     Guest,
     kernel_boot_args,
     make_seed,
+    run_builder,
     running,
     ssh_keypair,
 )
@@ -200,16 +201,6 @@ def test_tiny_guest_stock_kernel_vfat_seed_data_disk_and_poweroff(
 
 
 # -- the builder's cache -------------------------------------------------------------------------
-
-
-def run_builder(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(BUILDER), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
 
 
 def test_cached_guest_is_found_without_apt(tiny_guest: Guest, tmp_path: Path) -> None:
