@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from barge.local import create_vm
-from barge.push import PushOptions
+from barge.transfer.push import PushOptions
 from barge.store import Store
 
 __all__ = ["SMALL", "make_disk", "make_vm"]

@@ -26,16 +26,18 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from unittest import mock
 
-from barge.cache import clone_image
-from barge.copy import copy
 from barge.disk.index import FrameIndex
 from barge.disk.sparse import punch_hole
-from barge.endpoints import LayoutEnd, RegistryEnd
 from barge.local import create_vm
 from barge.oci.layout import OCILayout
-from barge.pull import Puller, PullResult, pull
-from barge.push import PushOptions, push
 from barge.store import Disk, Store, VMConfig
+from barge.transfer.clone import clone_image
+from barge.transfer.copy import copy
+from barge.transfer.decode_barge import BargeDecoding
+from barge.transfer.layout import ArchiveReadEnd, LayoutEnd
+from barge.transfer.pull import PullResult, pull
+from barge.transfer.push import PushOptions, push
+from barge.transfer.registry import RegistryEnd
 from registries import RunningRegistry
 from vmimages import TartChunk, push_tart, push_vetu, stored_stream
 
@@ -284,6 +286,7 @@ def killed_pull(store: Store, ref: str, budget: int) -> bool:
 
     with (
         mock.patch.object(LayoutEnd, "open_blob", wrap(LayoutEnd.open_blob)),
+        mock.patch.object(ArchiveReadEnd, "open_blob", wrap(ArchiveReadEnd.open_blob)),
         mock.patch.object(RegistryEnd, "open_blob", wrap(RegistryEnd.open_blob)),
     ):
         try:
@@ -337,7 +340,7 @@ def tamper(store: Store, digest: str, v2: Version, ops: tuple[Tamper, ...], work
 def forced_base(base: PullResult) -> Iterator[None]:
     """Make the pull use ``base`` as its base image whatever it shares with the new one."""
     index = FrameIndex.from_bytes((base.path / "index.json").read_bytes())
-    with mock.patch.object(Puller, "_find_base", lambda self, idx, source: (base.path, index)):
+    with mock.patch.object(BargeDecoding, "_find_base", lambda self, idx: (base.path, index)):
         yield
 
 

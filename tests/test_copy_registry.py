@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from barge.copy import CopyOptions, copy, tag
 from barge.errors import ExitCode, RegistryError
 from barge.oci.client import RegistryClient
-from barge.pull import pull
-from barge.push import push
 from barge.store import Store
+from barge.transfer.copy import CopyOptions, copy, tag
+from barge.transfer.pull import pull
+from barge.transfer.push import push
 from clitest import at, barge, sha256_file, skopeo_digest
 from faultproxy import FaultProxy
 from localvms import SMALL, make_vm

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from barge.cache import clone_image, delete_cached
-from barge.copy import CopyOptions, copy
+from barge.cache import delete_cached
 from barge.errors import ExitCode, NotFoundError
 from barge.local import delete_vm
 from barge.oci.client import RegistryClient
-from barge.pull import PullOptions, host_platform, pull
-from barge.push import push
 from barge.store import Store
+from barge.transfer.clone import clone_image
+from barge.transfer.copy import CopyOptions, copy
+from barge.transfer.open import host_platform
+from barge.transfer.pull import PullOptions, pull
+from barge.transfer.push import push
 from barge.verify import verify
 from clitest import at, barge, sha256_file, skopeo_digest
 from localvms import SMALL, make_vm

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from barge.disk.coverage import Coverage
 from barge.disk.index import DiskIndex, FrameIndex
 from barge.errors import ExitCode, IntegrityError
-from barge.pull import pull
 from barge.store import Store
+from barge.transfer.pull import pull
 from pullcases import Case, DiskSpec, Edit, Target, Version, build_disks, publish
 
 KiB = 1024

@@ -21,9 +21,9 @@ from barge.cli import main
 from barge.errors import ExitCode, IntegrityError, LimitError
 from barge.local import create_vm
 from barge.progress import NullReporter
-from barge.pull import PullOptions, pull
-from barge.push import PushOptions, push
 from barge.store import Store
+from barge.transfer.pull import PullOptions, pull
+from barge.transfer.push import PushOptions, push
 from clitest import barge, sha256_file
 from faultproxy import FaultProxy
 from registries import RunningRegistry
@@ -226,8 +226,8 @@ def slow_down(proxy: FaultProxy, method: str, path_re: str, seconds: float) -> N
 KILL_SCRIPT = """
 import sys, time
 from barge.store import Store
-from barge.push import push, PushOptions
-from barge.pull import pull
+from barge.transfer.push import push, PushOptions
+from barge.transfer.pull import pull
 store = Store()
 if sys.argv[1] == "push":
     push(store, "vm", [sys.argv[2]], PushOptions(chunk_size=8 << 20, frame_size=1 << 20,
@@ -337,7 +337,7 @@ def test_gc_under_concurrent_operations_loses_nothing(
             push(s, "vm", [f"{registry.host}/gc/vm:v{i + 1}"], SMALL)
             res = pull(s, f"{registry.host}/gc/vm:v{i + 1}")
             # the pulled image may be collected right after the pull, but never during it
-            from barge.cache import clone_image
+            from barge.transfer.clone import clone_image
 
             _, cloned = clone_image(s, f"{registry.host}/gc/vm:v{i + 1}", f"c{i}")
             assert sha256_file(cloned.vm.path / "disk.img") == want
@@ -453,9 +453,9 @@ def test_token_expiring_mid_push_is_refreshed(
         time.sleep(0.6)
         return real(*a, **kw)  # type: ignore[arg-type]
 
-    import barge.push as push_mod
+    import barge.transfer.write_barge as writer
 
-    monkeypatch.setattr(push_mod, "hash_chunk", slow_hash)
+    monkeypatch.setattr(writer, "hash_chunk", slow_hash)
     ref = f"{registry_token.host}/tok/vm:v1"
     push(store, "vm", [ref], SMALL)  # first push: chunk index filled
     # a new mtime: the file-state cache cannot vouch for the disk, so the next push hashes
@@ -561,9 +561,9 @@ def test_second_repository_gets_the_stream_again_when_mounts_are_refused(
 ) -> None:
     """Registries that answer every mount with a fresh upload session (202) still get every
     repository's blobs: the chunk is encoded and streamed again."""
-    from barge.endpoints import RegistryEnd
+    from barge.oci.client import RegistryClient
 
-    monkeypatch.setattr(RegistryEnd, "try_mount", lambda self, digest, size: False)
+    monkeypatch.setattr(RegistryClient, "mount_blob", lambda self, repo, digest, src: False)
     store, disk = vm
     refs = [f"{registry.host}/one/vm:v1", f"{registry.host}/two/vm:v1"]
     res = push(store, "vm", refs, SMALL)

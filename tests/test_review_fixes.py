@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from barge.copy import CopyOptions, copy
 from barge.errors import ExitCode, NoSpaceError
-from barge.pull import pull
-from barge.push import push
 from barge.store import Store
+from barge.transfer.copy import copy
+from barge.transfer.pull import pull
+from barge.transfer.push import push
 from barge.verify import verify
 from clitest import barge
 from localvms import SMALL, make_vm
@@ -65,7 +65,8 @@ def test_copy_from_archive_and_verify_archive_close_their_files(
     def round_(i: int) -> None:
         copy(store, f"oci-archive:{archive}", f"oci:{tmp_path}/dir{i}")
         verify(store, f"oci-archive:{archive}")
-        copy(store, src, f"oci-archive:{tmp_path}/w{i}.tar", CopyOptions(verify=True))
+        res = copy(store, src, f"oci-archive:{tmp_path}/w{i}.tar")  # then --verify's check
+        assert verify(store, res.images[0].destination, remote=True).ok
 
     for i in range(2):
         round_(i)
@@ -100,7 +101,7 @@ def test_failed_import_keeps_no_cache_reference_to_the_layout(
     def no_space(*a: object, **k: object) -> None:
         raise NoSpaceError("no space left (simulated)")
 
-    monkeypatch.setattr("barge.cache.clone_dir", no_space)
+    monkeypatch.setattr("barge.transfer.clone.clone_dir", no_space)
     barge("import", f"oci:{layout}", "vm2", code=ExitCode.NO_SPACE)
     assert json.loads(barge("list", "--source", "oci", "--format", "json")) == []
     assert not list(store.cache_dir.iterdir())

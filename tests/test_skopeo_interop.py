@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from barge.copy import copy
-from barge.pull import pull
-from barge.push import push
 from barge.store import Store
+from barge.transfer.copy import copy
+from barge.transfer.pull import pull
+from barge.transfer.push import push
 from clitest import barge, sha256_file, skopeo_digest
 from localvms import SMALL, make_vm
 from registries import RunningRegistry

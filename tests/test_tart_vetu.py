@@ -12,13 +12,13 @@ from pathlib import Path
 import lz4.frame
 import pytest
 
-from barge.cache import clone_image
 from barge.disk.sparse import data_extents
 from barge.errors import ExitCode, IntegrityError
 from barge.formats import tart as tartfmt
 from barge.formats import vetu as vetufmt
-from barge.pull import pull
 from barge.store import Store
+from barge.transfer.clone import clone_image
+from barge.transfer.pull import pull
 from clitest import barge, sha
 from registries import RunningRegistry
 from seed import OCI_CONFIG, OCI_MANIFEST, put_blob, put_manifest

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from barge.cache import clone_image
 from barge.errors import ExitCode
 from barge.local import create_vm
 from barge.progress import NullReporter
-from barge.pull import pull
-from barge.push import PushOptions, push
 from barge.store import Store
+from barge.transfer.clone import clone_image
+from barge.transfer.pull import pull
+from barge.transfer.push import PushOptions, push
 from clitest import barge, independent_apple_lz4_decode, sha
 from faultproxy import FaultProxy
 from registries import RunningRegistry

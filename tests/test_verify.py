@@ -11,9 +11,9 @@ import pytest
 
 from barge.errors import ExitCode
 from barge.oci.client import RegistryClient
-from barge.pull import pull
-from barge.push import push
 from barge.store import Store
+from barge.transfer.pull import pull
+from barge.transfer.push import push
 from barge.verify import verify
 from clitest import at, barge, sha
 from localvms import SMALL, make_vm

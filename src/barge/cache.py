@@ -1,17 +1,14 @@
-"""The image cache: pulled images by manifest digest, looked up through the catalog."""
+"""The image cache's contents: pulled images by manifest digest, looked up through the
+catalog (list, get, delete). Pulling into it is :mod:`barge.transfer.pull`."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from barge.disk.sparse import allocated_bytes
-from barge.endpoints import parse_location
-from barge.errors import ConflictError, NotFoundError
-from barge.local import CloneResult, clone_dir
-from barge.progress import Reporter
-from barge.pull import PullOptions, PullResult, pull
-from barge.reference import cached_spelling
-from barge.store import Store, VMConfig, validate_vm_name
+from barge.errors import NotFoundError
+from barge.reference import cached_spelling, parse_location
+from barge.store import Store, VMConfig
 from barge.store.catalog import ImageRow
 
 
@@ -77,43 +74,13 @@ def list_cached(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def clone_image(
-    store: Store,
-    ref_text: str,
-    name: str,
-    opts: PullOptions | None = None,
-    reporter: Reporter | None = None,
-) -> tuple[PullResult, CloneResult]:
-    """Pull ``ref_text`` if needed, then make local VM ``name`` from it copy-on-write."""
-    validate_vm_name(name)
-    if store.vm_exists(name):
-        raise ConflictError(f"a VM named {name!r} already exists")
-    with store.lease("clone") as lease_id:
-        # the image joins this lease before the pull looks at the cache, so no GC can take it
-        # between the pull and the clone
-        res = pull(store, ref_text, opts, reporter, hold=lease_id, then_clone=True)
-        lock = store.image_lock(res.digest, shared=True, wait=True)
-        try:
-            if not res.path.is_dir():
-                raise NotFoundError(f"cached image {res.digest} vanished; pull again")
-            cfg = VMConfig.from_bytes((res.path / "config.json").read_bytes())
-            with store.lock_vm(name):
-                if store.vm_exists(name):
-                    raise ConflictError(f"a VM named {name!r} already exists")
-                cloned = clone_dir(store, res.path, cfg, name)
-        finally:
-            lock.release()
-        store.catalog.touch_image(res.digest)
-    return res, cloned
-
-
 def find_cached(store: Store, ref_text: str) -> list[tuple[str, str, str, str]]:
     """(registry, repository, tag, digest) rows of the cache matching a reference: a registry
     reference or an OCI layout location (``oci:PATH[:tag]``, ``oci-archive:FILE[:tag]``, the
     path as typed or in the absolute form ``list`` shows)."""
-    loc = parse_location(ref_text, allow_vm=False)
-    registry, repository, tag = loc.cache_key()
-    digest = loc.ref.digest if loc.ref is not None else None
+    ref = parse_location(ref_text)
+    registry, repository, tag = ref.cache_key()
+    digest = ref.digest
     rows = []
     for r in store.catalog.refs():
         if r.registry != registry or r.repository != repository:

@@ -133,7 +133,9 @@ class _Task(Protocol):
     def add_total(self, n: int) -> None: ...
 
 
-class _CheckedTask:
+class CheckedTask:
+    """A progress task whose every advance is a cancellation check; :attr:`done` sums them."""
+
     def __init__(self, task: _Task) -> None:
         self._task = task
         self._lock = threading.Lock()
@@ -149,10 +151,10 @@ class _CheckedTask:
         self._task.add_total(n)
 
 
-def checked(task: _Task) -> _CheckedTask:
+def checked(task: _Task) -> CheckedTask:
     """A progress task whose every ``advance`` is also a cancellation check: the encoders and
     decoders report progress once per frame, which is exactly where they can stop."""
-    return _CheckedTask(task)
+    return CheckedTask(task)
 
 
 @contextlib.contextmanager

@@ -20,21 +20,28 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from barge.cache import find_cached
+from barge.disk.decoder import DecodeBuffers, decode_chunk
 from barge.disk.index import ChunkMeta, FrameIndex, zero_digest
+from barge.disk.sizing import format_size
 from barge.disk.sparse import data_extents
-from barge.endpoints import End, LayoutEnd, RegistryEnd
+from barge.disk.streams import stream_decoder
 from barge.errors import IntegrityError, NotFoundError, UnsupportedError
+from barge.formats import detect_format
 from barge.formats.tart import REORDERED_MESSAGE, parse_tart_manifest
+from barge.formats.vetu import parse_vetu_manifest
+from barge.image import MAX_SMALL_BLOB, parse_barge_manifest
 from barge.oci.types import Descriptor, Manifest
 from barge.progress import NullReporter, Reporter, Task
-from barge.reference import LAYOUT_SCHEMES
 from barge.store import Store, VMConfig
+from barge.transfer.end import End
+from barge.transfer.open import Ends, is_vm_name
 from barge.untrusted import load_json
 
 READ_SIZE = 1 << 20
@@ -69,8 +76,6 @@ class VerifyReport:
         return not self.faults
 
     def verdict(self) -> str:
-        from barge.disk.sizing import format_size
-
         if self.ok:
             what = "blobs" if self.kind not in ("vm", "cache") else "files"
             extra = f", {self.frames} frames" if self.frames else ""
@@ -137,7 +142,7 @@ class _Verifier:
         self.end = end
         self.report = report
         self.deep = deep
-        self.concurrency = 1 if isinstance(end, LayoutEnd) and end.archive else concurrency
+        self.concurrency = 1 if end.serial else concurrency
         self.reporter = reporter
         self._lock = threading.Lock()
         self._seen: set[str] = set()
@@ -191,8 +196,6 @@ class _Verifier:
         except ValueError as e:
             self.fault(what, f"invalid manifest: {e}")
             return
-        from barge.formats import detect_format
-
         fmt = detect_format(doc)
         if fmt not in self.report.formats:
             self.report.formats.append(fmt)
@@ -251,16 +254,9 @@ class _Verifier:
         return {}
 
     def _read_small(self, digest: str, limit: int) -> bytes:
-        reader = getattr(self.end, "read_blob", None)
-        if reader is None:  # pragma: no cover - every readable end has read_blob
-            raise UnsupportedError(f"{self.end.label} cannot read blobs")
-        data: bytes = reader(digest, limit)
-        return data
+        return self.end.read_blob(digest, limit)
 
     def _deep_barge(self, doc: dict[str, Any]) -> dict[str, Callable[[BinaryIO], int]]:
-        from barge.disk.decoder import DecodeBuffers, decode_chunk
-        from barge.image import MAX_SMALL_BLOB, parse_barge_manifest
-
         img = parse_barge_manifest(doc)
         index = FrameIndex.from_bytes(self._read_small(img.index.digest, 256 << 20))
         img.check_index(index)
@@ -286,17 +282,12 @@ class _Verifier:
         return {digest: make(meta) for digest, meta in by_digest.items()}
 
     def _deep_streams(self, fmt: str, doc: dict[str, Any]) -> dict[str, Callable[[BinaryIO], int]]:
-        from barge.disk import applelz4, lz4frame
-
         chunks: list[Any]
         if fmt == "tart":
             chunks = list(parse_tart_manifest(doc).disk_chunks)
-            decoder: Callable[..., Iterator[bytes]] = applelz4.decode_stream
         else:
-            from barge.formats.vetu import parse_vetu_manifest
-
             chunks = [c for d in parse_vetu_manifest(doc).disks for c in d.chunks]
-            decoder = lz4frame.decode_stream
+        decoder = stream_decoder(fmt)
 
         def make(usize: int, udigest: str, digest: str) -> Callable[[BinaryIO], int]:
             def check(src: BinaryIO) -> int:
@@ -327,7 +318,7 @@ def verify_end(
     reporter: Reporter | None = None,
 ) -> VerifyReport:
     """Verify ``manifest`` (and, for an index, every child) and every blob it names."""
-    kind = "registry" if isinstance(end, RegistryEnd) else end.label.split(":", 1)[0]
+    kind = end.ref.scheme if end.ref is not None else "registry"
     report = VerifyReport(target, kind, deep, manifest.digest)
     _Verifier(
         end, report, deep=deep, concurrency=concurrency, reporter=reporter or NullReporter()
@@ -461,16 +452,11 @@ def verify(
 ) -> VerifyReport:
     """Verify a local VM (by name), a cached image (a reference that is cached, unless
     ``remote``), an image in a registry, or an OCI layout."""
-    from barge.endpoints import parse_location
-
-    loc = parse_location(text)
-    if loc.kind == "vm":
-        vm = store.get_vm(loc.name)
+    if is_vm_name(text):
+        vm = store.get_vm(text)
         with store.lock_vm(vm.name, shared=True):
             return verify_dir(vm.path, text, "vm")
-    if loc.kind in ("registry", *LAYOUT_SCHEMES) and not remote:  # the cached copy, if any
-        from barge.cache import find_cached
-
+    if not remote:  # the cached copy, if any
         rows = find_cached(store, text)
         if rows:
             digest = rows[0][3]
@@ -484,22 +470,11 @@ def verify(
                     return verify_dir(path, text, "cache", digest=digest)
                 finally:
                     lock.release()
-    from barge.copy import Ends
-
-    ends = Ends(store, insecure=insecure)
-    try:
-        end, sloc, reference = ends.source(text)
-        if sloc.kind == "registry" and sloc.ref is not None and not reference:
-            reference = "latest"
-        top = end.get_manifest(reference)
-        m = top
-        if top.is_index and platform:
-            from barge.pull import select_platform
-
-            m = select_platform(end, top, platform)
-        return verify_end(end, m, text, deep=deep, concurrency=concurrency, reporter=reporter)
-    finally:
-        ends.close()
+    with Ends(store, insecure=insecure) as ends:
+        src = ends.open(text, "source", "verify")
+        assert src.end is not None
+        m = src.manifest(platform)
+        return verify_end(src.end, m, text, deep=deep, concurrency=concurrency, reporter=reporter)
 
 
 def report_json(reports: list[VerifyReport]) -> str:

@@ -9,6 +9,12 @@ from barge.disk.sizing import format_size as fmt_size
 from barge.errors import ExitCode
 from barge.progress import ConsoleReporter
 from barge.store import Store
+from barge.transfer.copy import CopyOptions
+from barge.transfer.copy import copy as do_copy
+from barge.transfer.copy import tag as do_tag
+from barge.transfer.export import ExportOptions, export_image, import_image
+from barge.units import parse_size
+from barge.verify import verify as verify_image
 
 _concurrency = click.option(
     "--concurrency", type=click.IntRange(1, 64), default=4, show_default=True
@@ -50,25 +56,34 @@ def copy(
     the destination has are skipped (a re-run resumes), and within one registry they are
     mounted, not uploaded.
     """
-    from barge.copy import CopyOptions
-    from barge.copy import copy as do_copy
-
     opts = CopyOptions(
-        concurrency=concurrency,
-        insecure=insecure,
-        platform=platform,
-        all_tags=all_tags,
-        verify=do_verify or deep,
-        deep=deep,
+        concurrency=concurrency, insecure=insecure, platform=platform, all_tags=all_tags
     )
+    store = Store()
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
-        res = do_copy(Store(), source, destination, opts, reporter)
+        res = do_copy(store, source, destination, opts, reporter)
+        # copy --verify: the copy, then a verification of every image where it is now
+        verified = [
+            verify_image(
+                store,
+                img.destination,
+                deep=deep,
+                insecure=insecure,
+                concurrency=concurrency,
+                remote=True,
+                reporter=reporter,
+            )
+            for img in res.images
+            if do_verify or deep
+        ]
     finally:
         reporter.close()
-    bad = [v for v in res.verified if not v.ok]
+    bad = [v for v in verified if not v.ok]
     if fmt == "json":
-        emit_json(res.to_json())
+        doc = res.to_json()
+        notes = doc.pop("notes")
+        emit_json({**doc, "verified": [v.to_json() for v in verified], "notes": notes})
     else:
         s = res.stats
         if not quiet:
@@ -80,7 +95,7 @@ def copy(
             )
         for img in res.images:
             echo(img.destination)
-        for v in res.verified:
+        for v in verified:
             echo(v.verdict())
     if bad:
         click.get_current_context().exit(ExitCode.INTEGRITY)
@@ -98,8 +113,6 @@ def tag(reference: str, new_tags: tuple[str, ...], insecure: bool, fmt: str) -> 
     Each NEW_TAG is a bare tag (same repository) or a full reference in the same registry
     (the blobs are mounted there first).
     """
-    from barge.copy import tag as do_tag
-
     res = do_tag(Store(), reference, list(new_tags), insecure=insecure)
     if fmt == "json":
         emit_json(res.to_json())
@@ -138,11 +151,9 @@ def verify(
     every Tart/Vetu chunk) is decompressed and checked against its uncompressed digest.
     Exits 6 naming the first bad blob when anything is wrong.
     """
-    from barge.verify import verify as do_verify
-
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
-        rep = do_verify(
+        rep = verify_image(
             Store(),
             target,
             deep=deep,
@@ -192,9 +203,6 @@ def export(
     PATH is oci:DIR[:tag], oci-archive:FILE[:tag], a FILE ending in .tar (an archive) or a
     directory. skopeo and other OCI tools read the result as it is.
     """
-    from barge.transfer_layout import ExportOptions, export_image
-    from barge.units import parse_size
-
     opts = ExportOptions(
         platform=platform,
         codec=compression,
@@ -208,9 +216,9 @@ def export(
     finally:
         reporter.close()
     if fmt == "json":
-        emit_json(res)
+        emit_json(res.to_json())
         return
-    echo(f"{res['destination']}@{res['digest']}")
+    echo(f"{res.destination}@{res.digest}")
 
 
 @main.command("import")
@@ -228,14 +236,12 @@ def import_(
     PATH is oci:DIR[:tag], oci-archive:FILE[:tag], a .tar file or a directory; barge, Tart
     and Vetu images are read (also as skopeo wrote them).
     """
-    from barge.transfer_layout import import_image
-
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
         res = import_image(Store(), path, name, platform, concurrency, reporter)
     finally:
         reporter.close()
     if fmt == "json":
-        emit_json(res)
+        emit_json(res.to_json())
         return
-    echo(f"imported {res['source']}@{res['digest']} as {name}")
+    echo(f"imported {res.source}@{res.digest} as {name}")

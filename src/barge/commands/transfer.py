@@ -1,14 +1,19 @@
-"""Distribution commands: push (and, as they land, pull, copy, tag, verify, export, import)."""
+"""Transfer commands: push and pull."""
 
 from __future__ import annotations
 
 import click
 
 from barge.cli import echo, emit_json, format_option, main, timeout_options
+from barge.disk.codec import DEFAULT_CODEC
 from barge.disk.sizing import format_size as fmt_size
 from barge.errors import UsageError
 from barge.progress import ConsoleReporter
 from barge.store import Store
+from barge.transfer.pull import PullOptions
+from barge.transfer.pull import pull as do_pull
+from barge.transfer.push import PushOptions, push_index
+from barge.transfer.push import push as do_push
 from barge.units import parse_size
 
 
@@ -103,10 +108,6 @@ def push(
     fmt, image_format = _split_formats(formats)
     if placeholder_nvram and image_format != "tart":
         raise UsageError("--placeholder-nvram is for --format tart (barge's format needs no NVRAM)")
-    from barge.disk.codec import DEFAULT_CODEC
-    from barge.push import PushOptions
-    from barge.push import push as do_push
-
     opts = PushOptions(
         codec=compression or DEFAULT_CODEC,
         chunk_size=_opt_size(chunk_size, "--chunk-size"),
@@ -120,8 +121,6 @@ def push(
     )
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     if index_ref is not None:
-        from barge.transfer_index import push_index
-
         try:
             ires = push_index(Store(), [name, *references], index_ref, opts, reporter)
         finally:
@@ -168,9 +167,6 @@ def pull(
     reference: str, concurrency: int, platform: str | None, insecure: bool, quiet: bool, fmt: str
 ) -> None:
     """Pull an image into the local cache (verified, sparse, fetching only what changed)."""
-    from barge.pull import PullOptions
-    from barge.pull import pull as do_pull
-
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
         res = do_pull(

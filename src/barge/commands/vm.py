@@ -281,9 +281,9 @@ def clone(
     if not looks_like_reference(source):
         clone_local(source, name, force=force)
         return
-    from barge.cache import clone_image
     from barge.progress import ConsoleReporter
-    from barge.pull import PullOptions
+    from barge.transfer.clone import clone_image
+    from barge.transfer.pull import PullOptions
 
     reporter = ConsoleReporter(quiet=quiet)
     try:

@@ -1,0 +1,118 @@
+"""Pull: an image from a registry (or an OCI layout) into the local cache.
+
+The pipeline with the image cache as the destination (:class:`barge.transfer.cache.CacheEnd`,
+the decoding edge): the source's image (an index resolved to this host's platform, or
+``--platform``) goes through :class:`~barge.transfer.pipeline.ImageCopy` like any copy; the
+cache decodes its disks as their layers arrive, verifies every byte and publishes only a
+complete image. See docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from barge.progress import NullReporter, Reporter
+from barge.store import Store
+from barge.transfer.cache import CacheEnd
+from barge.transfer.decode import PullStats
+from barge.transfer.open import Ends, Verb
+from barge.transfer.pipeline import ImageCopy, Sender
+
+__all__ = ["PullOptions", "PullResult", "PullStats", "pull"]
+
+
+@dataclass
+class PullOptions:
+    """Options of :func:`pull` (and of clone and import, which pull first)."""
+
+    concurrency: int = 2
+    """Layers fetched and decoded at once."""
+    insecure: bool = False
+    """Allow plain HTTP and unverified TLS."""
+    platform: str | None = None
+    """``OS/ARCH`` to pick from a multi-platform index (default: this host's)."""
+
+
+@dataclass
+class PullResult:
+    reference: str
+    digest: str
+    format: str
+    path: Path
+    up_to_date: bool
+    stats: PullStats = field(default_factory=PullStats)
+    base: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "digest": self.digest,
+            "format": self.format,
+            "upToDate": self.up_to_date,
+            "fetchedBytes": self.stats.fetched_bytes,
+            "reusedBytes": self.stats.reused_bytes,
+            "writtenBytes": self.stats.written_bytes,
+            "rangeRequests": self.stats.range_requests,
+            "wholeLayers": self.stats.whole_layers,
+            "base": self.base,
+            "notes": self.notes,
+        }
+
+
+def pull(
+    store: Store,
+    text: str,
+    opts: PullOptions | None = None,
+    reporter: Reporter | None = None,
+    *,
+    hold: str | None = None,
+    then_clone: bool = False,
+    verb: Verb = "pull",
+) -> PullResult:
+    """Pull the image ``text`` names into the cache. ``hold``: a caller's lease that keeps the
+    image once the pull returns; ``then_clone``: the space check counts a copy into a VM;
+    ``verb``: the command pulling (``clone``, ``import``: their rules for ``text``)."""
+    opts = opts or PullOptions()
+    rep = reporter or NullReporter()
+    notes: list[str] = []
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        rep.note(msg)
+
+    with Ends(store, insecure=opts.insecure, note=note) as ends:
+        src = ends.open(text, "source", verb)
+        assert src.end is not None and src.ref is not None
+        manifest = src.manifest(opts.platform, one_image=True)
+        cache = CacheEnd(
+            store,
+            src.ref.cache_key(),
+            text,
+            reporter=rep,
+            note=note,
+            concurrency=opts.concurrency,
+            hold=hold,
+            then_clone=then_clone,
+        )
+        try:
+            walk = ImageCopy(src.end, cache, Sender(src.end), rep, concurrency=opts.concurrency)
+            walk.copy(manifest, None)
+        except Exception as e:
+            cache.failed(e)
+            raise
+        finally:
+            cache.close()
+    assert cache.path is not None
+    return PullResult(
+        text,
+        cache.digest,
+        cache.format,
+        cache.path,
+        cache.up_to_date,
+        cache.stats,
+        cache.base,
+        notes,
+    )
