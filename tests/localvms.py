@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 
 from barge.local import create_vm
-from barge.transfer.push import PushOptions
 from barge.store import Store
+from barge.transfer.push import PushOptions
 
 __all__ = ["SMALL", "make_disk", "make_vm"]
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 
 class ExitCode:
+    """The CLI's exit codes; every :class:`BargeError` subclass names its own."""
+
     OK = 0
     FAILURE = 1  # generic failure
     USAGE = 2  # bad input: malformed reference, unparsable size, invalid name

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from barge.disk.sparse import allocated_bytes, can_reflink, clone_file
+from barge.disk.clone import clone_file
+from barge.disk.sparse import allocated_bytes, can_reflink
 from barge.errors import ConflictError, NoSpaceError, UsageError
 from barge.store import VM, Disk, Store, VMConfig, validate_vm_name
 from barge.store.space import is_no_space
@@ -31,6 +32,9 @@ _QEMU_IMAGE_FORMATS = {"qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed", "qcow", "pa
 
 @dataclass(frozen=True)
 class CloneResult:
+    """A VM made by a clone: how its disks were copied (``reflink``: copy-on-write, or
+    ``sparse-copy``) and how many bytes that wrote."""
+
     vm: VM
     method: str  # "reflink" or "sparse-copy"
     bytes_written: int

@@ -51,6 +51,8 @@ MAX_INDEX_DEPTH = 4
 
 @dataclass(frozen=True)
 class Fault:
+    """One thing wrong with an image: what (a blob, a manifest, a disk) and why."""
+
     what: str  # "blob sha256:…", "manifest sha256:…", "disk disk.img"
     message: str
 
@@ -60,6 +62,9 @@ class Fault:
 
 @dataclass
 class VerifyReport:
+    """What a verification found: what was checked (blobs, bytes, frames) and every fault
+    (``ok`` when none; :meth:`verdict` is the one-line summary)."""
+
     target: str
     kind: str  # "registry" | "oci" | "oci-archive" | "vm" | "cache"
     deep: bool = False

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import click
 
-from barge.cli import echo, emit_json, format_option, main, timeout_options
+from barge import api
+from barge.api import ImportOptions, VerifyOptions
+from barge.commands.common import collector, echo, emit_json, format_option, timeout_options
 from barge.disk.sizing import format_size as fmt_size
 from barge.errors import ExitCode
 from barge.progress import ConsoleReporter
-from barge.store import Store
 from barge.transfer.copy import CopyOptions
-from barge.transfer.copy import copy as do_copy
-from barge.transfer.copy import tag as do_tag
-from barge.transfer.export import ExportOptions, export_image, import_image
+from barge.transfer.export import ExportOptions
 from barge.units import parse_size
-from barge.verify import verify as verify_image
+
+commands = collector()
 
 _concurrency = click.option(
     "--concurrency", type=click.IntRange(1, 64), default=4, show_default=True
@@ -23,7 +23,7 @@ _insecure = click.option("--insecure", is_flag=True, help="Allow plain HTTP and 
 _quiet = click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 
 
-@main.command()
+@commands.command()
 @click.argument("source")
 @click.argument("destination")
 @click.option(
@@ -59,21 +59,13 @@ def copy(
     opts = CopyOptions(
         concurrency=concurrency, insecure=insecure, platform=platform, all_tags=all_tags
     )
-    store = Store()
+    check = VerifyOptions(deep=deep, remote=True, concurrency=concurrency, insecure=insecure)
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
-        res = do_copy(store, source, destination, opts, reporter)
+        res = api.copy(source, destination, opts, reporter=reporter)
         # copy --verify: the copy, then a verification of every image where it is now
         verified = [
-            verify_image(
-                store,
-                img.destination,
-                deep=deep,
-                insecure=insecure,
-                concurrency=concurrency,
-                remote=True,
-                reporter=reporter,
-            )
+            api.verify(img.destination, check, reporter=reporter)
             for img in res.images
             if do_verify or deep
         ]
@@ -101,7 +93,7 @@ def copy(
         click.get_current_context().exit(ExitCode.INTEGRITY)
 
 
-@main.command()
+@commands.command()
 @click.argument("reference")
 @click.argument("new_tags", nargs=-1, required=True)
 @_insecure
@@ -113,7 +105,7 @@ def tag(reference: str, new_tags: tuple[str, ...], insecure: bool, fmt: str) -> 
     Each NEW_TAG is a bare tag (same repository) or a full reference in the same registry
     (the blobs are mounted there first).
     """
-    res = do_tag(Store(), reference, list(new_tags), insecure=insecure)
+    res = api.tag(reference, list(new_tags), insecure=insecure)
     if fmt == "json":
         emit_json(res.to_json())
         return
@@ -121,7 +113,7 @@ def tag(reference: str, new_tags: tuple[str, ...], insecure: bool, fmt: str) -> 
         echo(f"{ref}@{res.digest}")
 
 
-@main.command()
+@commands.command()
 @click.argument("target")
 @click.option("--deep", is_flag=True, help="Decode every chunk and frame and check its digest.")
 @click.option(
@@ -153,14 +145,15 @@ def verify(
     """
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
-        rep = verify_image(
-            Store(),
+        rep = api.verify(
             target,
-            deep=deep,
-            insecure=insecure,
-            concurrency=concurrency,
-            remote=remote,
-            platform=platform,
+            VerifyOptions(
+                deep=deep,
+                remote=remote,
+                platform=platform,
+                concurrency=concurrency,
+                insecure=insecure,
+            ),
             reporter=reporter,
         )
     finally:
@@ -176,7 +169,7 @@ def verify(
         click.get_current_context().exit(ExitCode.INTEGRITY)
 
 
-@main.command()
+@commands.command()
 @click.argument("source")
 @click.argument("path")
 @click.option("--platform", help="OS/ARCH to export from a multi-platform index.")
@@ -212,7 +205,7 @@ def export(
     )
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
-        res = export_image(Store(), source, path, opts, reporter)
+        res = api.export(source, path, opts, reporter=reporter)
     finally:
         reporter.close()
     if fmt == "json":
@@ -221,7 +214,7 @@ def export(
     echo(f"{res.destination}@{res.digest}")
 
 
-@main.command("import")
+@commands.command("import")
 @click.argument("path")
 @click.argument("name")
 @click.option("--platform", help="OS/ARCH to import from a multi-platform index.")
@@ -238,7 +231,9 @@ def import_(
     """
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
-        res = import_image(Store(), path, name, platform, concurrency, reporter)
+        res = api.import_image(
+            path, name, ImportOptions(platform=platform, concurrency=concurrency), reporter=reporter
+        )
     finally:
         reporter.close()
     if fmt == "json":

@@ -10,9 +10,12 @@ from typing import Any, TypeVar
 
 import click
 
-from barge.cli import echo, emit_json, format_option, main, warn
+from barge.commands.common import collector, echo, emit_json, format_option, warn
 from barge.store import Store
 from barge.units import parse_size
+from barge.vm import access, net, runner
+
+commands = collector()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -21,7 +24,7 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
     return None if value is None else parse_size(value, what="--memory")
 
 
-@main.command()
+@commands.command()
 @click.argument("name")
 @click.option("-d", "--detach", is_flag=True, help="Return once QEMU is up; the VM keeps running.")
 @click.option("--cpus", type=click.IntRange(min=1), help="CPUs for this run (default: the VM's).")
@@ -74,8 +77,6 @@ def run(
 ) -> None:
     """Boot a local VM on QEMU: in the foreground until it powers off (Ctrl-C asks it to power
     off through ACPI, a second Ctrl-C stops QEMU), or --detach."""
-    from barge.vm import net, runner
-
     if cloud_init is not None and no_cloud_init:
         raise click.UsageError("--cloud-init and --no-cloud-init exclude each other")
     opts = runner.RunOptions(
@@ -108,7 +109,7 @@ def run(
     sys.exit(res.exit_code)
 
 
-@main.command()
+@commands.command()
 @click.argument("name")
 @click.option(
     "--timeout",
@@ -119,14 +120,12 @@ def run(
 )
 def stop(name: str, timeout: float) -> None:
     """Stop a running VM: ACPI power-down, then QEMU quit, then its process, each after TIMEOUT."""
-    from barge.vm import runner
-
     res = runner.stop(Store(), name, timeout, warn)
     how = {"acpi": "powered off", "quit": "QEMU quit", "kill": "QEMU killed"}[res.how]
     echo(f"stopped {name} ({how}, {res.seconds:.1f} s)")
 
 
-@main.command()
+@commands.command()
 @click.argument("name")
 @click.option(
     "--wait",
@@ -136,8 +135,6 @@ def stop(name: str, timeout: float) -> None:
 @format_option
 def ip(name: str, wait: float | None, fmt: str) -> None:
     """Where a running guest's SSH answers: ADDRESS:PORT (user-mode) or ADDRESS (bridged, port 22)."""
-    from barge.vm import runner
-
     ep = runner.endpoint(Store(), name, wait)
     if fmt == "json":
         emit_json({"address": ep.host, "port": ep.port})
@@ -167,7 +164,9 @@ def _with_access(f: F) -> F:
     return f
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@commands.command(
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
 @click.argument("name")
 @_with_access
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -175,8 +174,6 @@ def ssh(
     name: str, user: str | None, identity: Path | None, wait: float | None, command: tuple[str, ...]
 ) -> None:
     """Open a shell in a running guest, or run `-- CMD…` there (the words as ssh passes them)."""
-    from barge.vm import access, runner
-
     words = list(command[1:] if command[:1] == ("--",) else command)
     interactive = not words and sys.stdin.isatty()
     argv = runner.ssh_argv(
@@ -192,7 +189,7 @@ def ssh(
     sys.exit(access.run_ssh(argv))
 
 
-@main.command(
+@commands.command(
     name="exec",
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
@@ -203,8 +200,6 @@ def exec_cmd(
     name: str, user: str | None, identity: Path | None, wait: float | None, command: tuple[str, ...]
 ) -> None:
     """Run CMD… in a running guest (each word passed as is): its stdout, stderr and exit code."""
-    from barge.vm import access, runner
-
     words = list(command[1:] if command[:1] == ("--",) else command)
     if not words:
         raise click.UsageError("give a command to run")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import click
 
-from barge.cli import echo, emit_json, format_option, main, timeout_options
+from barge import api
+from barge.commands.common import collector, echo, emit_json, format_option, timeout_options
 from barge.disk.codec import DEFAULT_CODEC
 from barge.disk.sizing import format_size as fmt_size
 from barge.errors import UsageError
 from barge.progress import ConsoleReporter
-from barge.store import Store
 from barge.transfer.pull import PullOptions
-from barge.transfer.pull import pull as do_pull
-from barge.transfer.push import PushOptions, push_index
-from barge.transfer.push import push as do_push
+from barge.transfer.push import PushOptions
 from barge.units import parse_size
+
+commands = collector()
 
 
 def _parse_labels(labels: tuple[str, ...]) -> dict[str, str]:
@@ -43,7 +43,7 @@ def _opt_size(value: str | None, what: str) -> int | None:
     return None if value is None else parse_size(value, what=what)
 
 
-@main.command()
+@commands.command()
 @click.argument("name")
 @click.argument("references", nargs=-1)
 @click.option(
@@ -122,7 +122,7 @@ def push(
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     if index_ref is not None:
         try:
-            ires = push_index(Store(), [name, *references], index_ref, opts, reporter)
+            ires = api.push_index([name, *references], index_ref, opts, reporter=reporter)
         finally:
             reporter.close()
         if fmt == "json":
@@ -135,7 +135,7 @@ def push(
     if not references:
         raise UsageError("give at least one destination reference (or --index REF)")
     try:
-        res = do_push(Store(), name, list(references), opts, reporter)
+        res = api.push(name, list(references), opts, reporter=reporter)
     finally:
         reporter.close()
     if fmt == "json":
@@ -153,7 +153,7 @@ def push(
         echo(f"{ref}@{res.digest}" if not quiet else res.digest)
 
 
-@main.command()
+@commands.command()
 @click.argument("reference")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option(
@@ -169,11 +169,10 @@ def pull(
     """Pull an image into the local cache (verified, sparse, fetching only what changed)."""
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
-        res = do_pull(
-            Store(),
+        res = api.pull(
             reference,
             PullOptions(concurrency=concurrency, insecure=insecure, platform=platform),
-            reporter,
+            reporter=reporter,
         )
     finally:
         reporter.close()

@@ -8,11 +8,15 @@ from typing import Any
 
 import click
 
-from barge import local
-from barge.cli import echo, emit_json, format_option, main, timeout_options, warn
+from barge import api
+from barge.api import CloneOptions, CreateOptions
+from barge.commands.common import collector, echo, emit_json, format_option, timeout_options, warn
+from barge.progress import ConsoleReporter
 from barge.store import Store
 from barge.units import format_size, parse_size
 from barge.untrusted import printable
+
+commands = collector()
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -75,7 +79,7 @@ def _state_text(info: dict[str, Any]) -> str:
     return f"running ({where}, pid {run['pid']}, {run['accel']})"
 
 
-@main.command()
+@commands.command()
 @click.argument("name")
 @click.option("--disk-size", callback=_size, help="Disk size, e.g. 20G (grows an imported disk).")
 @click.option(
@@ -117,49 +121,41 @@ def create(
     fmt: str,
 ) -> None:
     """Create a local VM with an empty sparse disk or an imported one."""
-    store = Store()
-    vm = local.create_vm(
-        store,
+    info = api.create(
         name,
-        disk_size=disk_size,
-        from_disk=from_disk,
-        cpus=cpus,
-        memory=memory,
-        os_name=os_name,
-        arch=arch,
-        boot=boot or ("kernel" if kernel is not None else "uefi"),
-        kernel=kernel,
-        initramfs=initramfs,
-        cmdline=cmdline,
-        ssh_user=ssh_user,
+        CreateOptions(
+            disk_size=disk_size,
+            from_disk=from_disk,
+            cpus=cpus,
+            memory=memory,
+            os=os_name,
+            arch=arch,
+            boot=boot,
+            kernel=kernel,
+            initramfs=initramfs,
+            cmdline=cmdline,
+            ssh_user=ssh_user,
+        ),
     )
     if fmt == "json":
-        emit_json(local.vm_info(store, vm))
+        emit_json(info)
     else:
-        echo(f"created {vm.name} ({format_size(vm.config.disks[0].size)} disk)")
+        echo(f"created {info['name']} ({format_size(info['disks'][0]['size'])} disk)")
 
 
-@main.command(name="get")
+@commands.command(name="get")
 @click.argument("name")
 @format_option
 def get_cmd(name: str, fmt: str) -> None:
     """Show one VM's configuration (a local VM, or a cached image by reference)."""
-    from barge.reference import looks_like_reference
-
-    store = Store()
-    if looks_like_reference(name):
-        from barge.cache import cached_info
-
-        info = cached_info(store, name)
-    else:
-        info = local.vm_info(store, store.get_vm(name))
+    info = api.get(name)
     if fmt == "json":
         emit_json(info)
     else:
         _print_vm(info)
 
 
-@main.command(name="set")
+@commands.command(name="set")
 @click.argument("name")
 @click.option("--cpus", type=click.IntRange(min=1))
 @click.option("--memory", callback=_size)
@@ -168,43 +164,20 @@ def set_cmd(name: str, cpus: int | None, memory: int | None, disk_size: int | No
     """Change a VM's CPUs, memory or disk size."""
     if cpus is None and memory is None and disk_size is None:
         raise click.UsageError("nothing to change: give --cpus, --memory or --disk-size")
-    local.set_vm(Store(), name, cpus=cpus, memory=memory, disk_size=disk_size)
+    api.set_vm(name, cpus=cpus, memory=memory, disk_size=disk_size)
     echo(f"updated {name}")
 
 
-@main.command()
+@commands.command()
 @click.argument("old")
 @click.argument("new")
 def rename(old: str, new: str) -> None:
     """Rename a local VM."""
-    local.rename_vm(Store(), old, new)
+    api.rename(old, new)
     echo(f"renamed {old} to {new}")
 
 
-def clone_local(src: str, dst: str, *, force: bool = False) -> None:
-    from barge.vm import runner
-
-    res = runner.clone(Store(), src, dst, force=force)
-    how = (
-        "copy-on-write"
-        if res.method == "reflink"
-        else f"sparse copy, {format_size(res.bytes_written)} written"
-    )
-    echo(f"cloned {src} to {dst} ({how})")
-
-
-def delete_local(name: str, *, force: bool = False) -> None:
-    from barge.vm import runner
-
-    runner.delete(Store(), name, force=force, note=warn)
-    echo(f"deleted {name}")
-
-
-def list_local(store: Store) -> list[dict[str, Any]]:
-    return [local.vm_info(store, vm) for vm in store.list_vms()]
-
-
-@main.command(name="list")
+@commands.command(name="list")
 @click.option("-q", "--quiet", is_flag=True, help="Only names.")
 @click.option(
     "--source", type=click.Choice(["local", "oci"]), help="Only local VMs or only cached images."
@@ -215,11 +188,9 @@ def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
     store = Store()
     rows: list[dict[str, Any]] = []
     if source in (None, "local"):
-        rows += list_local(store)
+        rows += api.list_vms(store=store)
     if source in (None, "oci"):
-        from barge.cache import list_cached
-
-        rows += list_cached(store)
+        rows += api.list_images(store=store)
     if fmt == "json":
         emit_json(rows)
         return
@@ -253,7 +224,7 @@ def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
         echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-@main.command()
+@commands.command()
 @click.argument("source")
 @click.argument("name")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
@@ -276,56 +247,43 @@ def clone(
     force: bool,
 ) -> None:
     """Clone a local VM, or an image REFERENCE (pulled if needed), into a new local VM."""
-    from barge.reference import looks_like_reference
-
-    if not looks_like_reference(source):
-        clone_local(source, name, force=force)
-        return
-    from barge.progress import ConsoleReporter
-    from barge.transfer.clone import clone_image
-    from barge.transfer.pull import PullOptions
-
+    opts = CloneOptions(force=force, concurrency=concurrency, insecure=insecure, platform=platform)
     reporter = ConsoleReporter(quiet=quiet)
     try:
-        res, cloned = clone_image(
-            Store(),
-            source,
-            name,
-            PullOptions(concurrency=concurrency, insecure=insecure, platform=platform),
-            reporter,
-        )
+        res = api.clone(source, name, opts, reporter=reporter)
     finally:
         reporter.close()
-    how = "copy-on-write" if cloned.method == "reflink" else "sparse copy"
-    echo(f"cloned {source}@{res.digest} to {name} ({how})")
+    if res.pulled is None:
+        how = (
+            "copy-on-write"
+            if res.clone.method == "reflink"
+            else f"sparse copy, {format_size(res.clone.bytes_written)} written"
+        )
+        echo(f"cloned {source} to {name} ({how})")
+        return
+    how = "copy-on-write" if res.clone.method == "reflink" else "sparse copy"
+    echo(f"cloned {source}@{res.pulled.digest} to {name} ({how})")
 
 
-@main.command()
+@commands.command()
 @click.argument("names", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Stop a running VM first (QEMU quit), then delete.")
 def delete(names: tuple[str, ...], force: bool) -> None:
     """Delete local VMs, or cached images by reference."""
-    from barge.cache import delete_cached
-    from barge.reference import looks_like_reference
-
     for n in names:
-        if looks_like_reference(n):
-            for ref in delete_cached(Store(), n):
-                echo(f"deleted {ref}")
-        else:
-            delete_local(n, force=force)
+        for gone in api.delete(n, force=force, note=warn):
+            echo(f"deleted {gone}")
 
 
-@main.command()
+@commands.command()
 @click.option("--older-than", type=click.FloatRange(min=0), help="Remove images unused for DAYS.")
 @click.option("--space-budget", help="Keep the cache under SIZE (least recently used go first).")
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 @format_option
 def prune(older_than: float | None, space_budget: str | None, dry_run: bool, fmt: str) -> None:
     """Remove cached images: unreferenced ones, and by age or space budget. Never one in use."""
-    store = Store()
     budget = parse_size(space_budget, what="--space-budget") if space_budget else None
-    res = store.prune(
+    res = api.prune(
         older_than=older_than * 86400 if older_than is not None else None,
         space_budget=budget,
         dry_run=dry_run,

@@ -51,7 +51,7 @@ class DecodeBuffers:
         # the decoded frame lives at a 4 KiB-aligned address inside ``ubuf`` (from ``ubase``)
         # so that a :class:`DiskWriter` can hand its blocks to O_DIRECT writes
         self.ubuf = bytearray(frame_size + BLOCK)
-        self.ubase = (-_address(self.ubuf)) % BLOCK
+        self.ubase = (-address_of(self.ubuf)) % BLOCK
         self.cbuf = bytearray(
             max(Codec(n).max_compressed_size(frame_size) for n in ("zstd", "lz4"))
         )
@@ -223,7 +223,7 @@ def _zeros_view(n: int) -> memoryview:
     return z[:n]
 
 
-def _address(buf: bytearray | memoryview) -> int:
+def address_of(buf: bytearray | memoryview) -> int:
     """The memory address of a writable buffer."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
@@ -301,7 +301,7 @@ class DiskWriter:
             and off % BLOCK == 0
             and len(view) % BLOCK == 0
             and not view.readonly
-            and _address(view) % BLOCK == 0
+            and address_of(view) % BLOCK == 0
         ):
             try:
                 return os.pwrite(self.dfd, view, off)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from barge.disk.codec import Codec
 from barge.errors import IntegrityError, UnsupportedError
 from barge.untrusted import load_json
 
@@ -383,8 +384,6 @@ def _check_frame_size(fs: int, disk: str) -> None:
 
 @lru_cache(maxsize=64)
 def _max_csize(codec: str, usize: int) -> int:
-    from barge.disk.codec import Codec
-
     return Codec(codec).max_compressed_size(usize)
 
 

@@ -1,4 +1,5 @@
-"""Sparse-file primitives: find data without reading holes, clone copy-on-write, copy sparse.
+"""Sparse-file primitives: find data without reading holes, clone copy-on-write, punch holes
+(copying a disk file sparse is :mod:`barge.disk.clone`).
 
 These are the only places barge touches a raw disk's layout on the host filesystem.
 """
@@ -14,8 +15,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from barge import cancel
 
 # ioctl FICLONE = _IOW(0x94, 9, int)
 FICLONE = 0x40049409
@@ -109,53 +108,6 @@ def can_reflink(directory: str | os.PathLike[str]) -> bool:
                 p.unlink()
 
 
-def copy_sparse(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, bufsize: int = 8 << 20
-) -> int:
-    """Copy ``src`` to a new file ``dst`` keeping holes; returns the bytes written.
-
-    Only data extents are read, and all-zero pieces inside them are skipped too, so a 20 GiB
-    disk holding 1 GiB of data writes about 1 GiB. Whole aligned pieces are written with
-    O_DIRECT where the filesystem allows (see ``barge.disk.decoder.DiskWriter``)."""
-    from barge.disk.decoder import BLOCK, DiskWriter, _address
-
-    written = 0
-    raw = bytearray(bufsize + BLOCK)
-    base = (-_address(raw)) % BLOCK
-    mv = memoryview(raw)[base : base + bufsize]
-    with open(src, "rb") as fs:
-        size = os.fstat(fs.fileno()).st_size
-        sfd = fs.fileno()
-        with open(dst, "wb") as fd:
-            fd.truncate(size)
-        out = DiskWriter(dst)
-        try:
-            for off, length in data_extents(sfd, 0, size):
-                pos, stop = off, off + length
-                while pos < stop:
-                    cancel.check()
-                    n = os.preadv(sfd, [mv[: min(bufsize, stop - pos)]], pos)
-                    if n <= 0:
-                        break
-                    piece = mv[:n]
-                    if not is_zero(piece):
-                        _pwrite_all(out, piece, pos)
-                        written += n
-                    pos += n
-            out.fsync()
-        finally:
-            out.close()
-    return written
-
-
-def clone_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> str:
-    """Clone copy-on-write if the filesystem can, else copy sparse. Returns the method used."""
-    if reflink(src, dst):
-        return "reflink"
-    copy_sparse(src, dst)
-    return "sparse-copy"
-
-
 @functools.cache
 def _fallocate() -> Any:
     """libc's ``fallocate`` (looked up once: ``find_library`` runs ``ldconfig``)."""
@@ -173,11 +125,3 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     filesystem cannot."""
     rc = _fallocate()(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
     return bool(rc == 0)
-
-
-def _pwrite_all(out: Any, data: memoryview, offset: int) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = out.pwrite(mv, offset)
-        mv = mv[n:]
-        offset += n

@@ -32,6 +32,7 @@ from barge.store.catalog import Catalog, ImageRow
 from barge.store.space import NotEnoughSpace, free_bytes
 from barge.store.vmconfig import VMConfig
 from barge.units import format_size
+from barge.vm.state import running
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -141,6 +142,10 @@ class VMLock:
 
 
 class Store:
+    """The local store: ``home`` (default ``$BARGE_HOME``, else
+    ``$XDG_DATA_HOME/barge``, else ``~/.local/share/barge``) holds the VMs, the image cache,
+    the catalog and work in progress (see README, "The local store")."""
+
     def __init__(self, home: Path | None = None) -> None:
         self.home = (home or default_home()).absolute()
         self.vms_dir = self.home / "vms"
@@ -180,8 +185,6 @@ class Store:
                 wait=wait,
             )
         except BusyError:
-            from barge.vm.state import running
-
             st = running(self.vm_path(name))
             if st is None:
                 raise
@@ -476,6 +479,8 @@ class Store:
 
 @dataclass(frozen=True)
 class PruneResult:
+    """What a prune removed (or would remove, dry): images, and abandoned ``tmp/`` work."""
+
     images: list[ImageRow]
     tmp_entries: int  # abandoned entries of tmp/ removed
     tmp_bytes: int  # and the bytes they held

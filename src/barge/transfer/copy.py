@@ -54,6 +54,8 @@ class CopyOptions:
 
 @dataclass
 class CopyStats:
+    """Manifests and blobs a copy (or tag) settled, and how: sent, found, mounted."""
+
     manifests: int = 0
     blobs: int = 0
     copied_blobs: int = 0
@@ -86,6 +88,8 @@ class CopyStats:
 
 @dataclass
 class CopiedImage:
+    """One image a copy put at its destination."""
+
     source: str
     destination: str
     """Where it is now, with tag (if any) and digest: ``host/repo:tag@sha256:…``."""
@@ -107,6 +111,8 @@ class CopiedImage:
 
 @dataclass
 class CopyResult:
+    """What :func:`copy` did: the images copied, what it took, the notes it made."""
+
     images: list[CopiedImage]
     stats: CopyStats
     notes: list[str] = field(default_factory=list)
@@ -216,6 +222,8 @@ def copy(
 
 @dataclass
 class TagResult:
+    """The tags :func:`tag` added (as references) to the image ``digest``."""
+
     digest: str
     references: list[str]
     stats: CopyStats

@@ -30,6 +30,8 @@ __all__ = ["Decoding", "PullStats", "Staging", "reset_staging"]
 
 @dataclass
 class PullStats:
+    """What a pull took: bytes fetched, reused from local data and written; requests."""
+
     fetched_bytes: int = 0  # compressed bytes downloaded for disks
     reused_bytes: int = 0  # uncompressed disk bytes taken from local data (base or resume)
     written_bytes: int = 0

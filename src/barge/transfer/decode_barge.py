@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from barge import cancel
+from barge.disk.clone import clone_file
 from barge.disk.codec import Codec
 from barge.disk.coverage import Coverage
 from barge.disk.decoder import DecodeBuffers, DiskWriter, decode_chunk, decode_frame
 from barge.disk.index import ChunkMeta, FrameIndex
-from barge.disk.sparse import allocated_bytes, can_reflink, clone_file, data_extents
+from barge.disk.sparse import allocated_bytes, can_reflink, data_extents
 from barge.errors import IntegrityError, UnsupportedError
 from barge.image import MAX_SMALL_BLOB, parse_barge_manifest
 from barge.store import VMConfig

@@ -46,6 +46,8 @@ class ExportOptions:
 
 @dataclass
 class ExportResult:
+    """Where an export put the image, its digest, and what it took."""
+
     source: str
     destination: str
     """``oci:DIR:tag`` / ``oci-archive:FILE:tag``."""
@@ -70,6 +72,8 @@ class ExportResult:
 
 @dataclass
 class ImportResult:
+    """The local VM an import made, from which layout and image."""
+
     source: str
     digest: str
     format: str

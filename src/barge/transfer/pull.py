@@ -37,6 +37,9 @@ class PullOptions:
 
 @dataclass
 class PullResult:
+    """The image a pull cached (its digest, format, directory), whether it was already
+    there, what it took and which cached image it used as a base."""
+
     reference: str
     digest: str
     format: str

@@ -66,6 +66,8 @@ class PushOptions:
 
 @dataclass
 class PushStats:
+    """What a push took: chunks hashed, compressed and sent, blobs found or mounted."""
+
     chunks: int = 0
     zero_chunks: int = 0
     uploaded_blobs: int = 0
@@ -94,6 +96,8 @@ class PushStats:
 
 @dataclass
 class PushResult:
+    """What a push made (its manifest digest and size, the references) and what it took."""
+
     digest: str
     size: int
     references: list[str]
@@ -271,6 +275,8 @@ def push(
 
 @dataclass
 class IndexResult:
+    """The image index a :func:`push_index` put, and each VM's push."""
+
     reference: str
     digest: str
     size: int
