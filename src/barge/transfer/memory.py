@@ -53,6 +53,7 @@ class MemoryEnd(EndBase):
         self.tags: dict[str, str] = {}  # tag -> digest
         self.calls: list[tuple[str, str]] = []  # (what, digest or tag), in order
         self.fail_after_puts: int | None = None  # raise RegistryError on the put after N
+        self.fail_after_opens: int | None = None  # and on the blob read after N
         self._lock = threading.Lock()
 
     # -- filling it ------------------------------------------------------------------------
@@ -85,6 +86,11 @@ class MemoryEnd(EndBase):
         return Manifest(data=data, media_type=media_type_of(data, media_type), digest=digest)
 
     def open_blob(self, digest: str, offset: int = 0) -> BinaryIO:
+        with self._lock:
+            if self.fail_after_opens is not None:
+                if self.fail_after_opens <= 0:
+                    raise RegistryError(f"{self.label}: injected failure reading {digest}")
+                self.fail_after_opens -= 1
         self._log("open_blob", digest)
         if digest not in self.blobs:
             raise NotFoundError(f"blob {digest} is not in {self.label}")

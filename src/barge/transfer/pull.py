@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from barge.oci.types import Manifest
 from barge.progress import NullReporter, Reporter
 from barge.store import Store
 from barge.transfer.cache import CacheEnd
 from barge.transfer.decode import PullStats
+from barge.transfer.end import End
 from barge.transfer.open import Ends, Verb
 from barge.transfer.pipeline import ImageCopy, Sender
 
-__all__ = ["PullOptions", "PullResult", "PullStats", "pull"]
+__all__ = ["PullOptions", "PullResult", "PullStats", "pull", "pull_from"]
 
 
 @dataclass
@@ -90,24 +92,58 @@ def pull(
         src = ends.open(text, "source", verb)
         assert src.end is not None and src.ref is not None
         manifest = src.manifest(opts.platform, one_image=True)
-        cache = CacheEnd(
+        return pull_from(
             store,
+            src.end,
+            manifest,
             src.ref.cache_key(),
             text,
-            reporter=rep,
-            note=note,
-            concurrency=opts.concurrency,
+            opts,
+            rep,
+            notes,
             hold=hold,
             then_clone=then_clone,
         )
-        try:
-            walk = ImageCopy(src.end, cache, Sender(src.end), rep, concurrency=opts.concurrency)
-            walk.copy(manifest, None)
-        except Exception as e:
-            cache.failed(e)
-            raise
-        finally:
-            cache.close()
+
+
+def pull_from(
+    store: Store,
+    source: End,
+    manifest: Manifest,
+    key: tuple[str, str, str],
+    text: str,
+    opts: PullOptions,
+    reporter: Reporter,
+    notes: list[str],
+    *,
+    hold: str | None = None,
+    then_clone: bool = False,
+) -> PullResult:
+    """The pipeline of a pull: ``manifest`` (one image) from ``source`` into the cache, under
+    ``key`` (registry, repository, tag) as ``text`` names it."""
+
+    def note(msg: str) -> None:
+        notes.append(msg)
+        reporter.note(msg)
+
+    cache = CacheEnd(
+        store,
+        key,
+        text,
+        reporter=reporter,
+        note=note,
+        concurrency=opts.concurrency,
+        hold=hold,
+        then_clone=then_clone,
+    )
+    try:
+        walk = ImageCopy(source, cache, Sender(source), reporter, concurrency=opts.concurrency)
+        walk.copy(manifest, None)
+    except Exception as e:
+        cache.failed(e)
+        raise
+    finally:
+        cache.close()
     assert cache.path is not None
     return PullResult(
         text,
