@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 
@@ -9,6 +10,8 @@ import pytest
 import zstandard
 
 from barge.disk.codec import DEFAULT_ZSTD_LEVEL, Codec, parse_codec
+from barge.disk.decoder import decode_frame
+from barge.disk.index import FrameInfo
 from barge.errors import IntegrityError, UsageError
 
 SPECS = ["zstd", "zstd:1", "zstd:3", "lz4", "none"]
@@ -105,20 +108,46 @@ def test_oversized_claim_never_allocated() -> None:
         c.decompress_into(no_size, memoryview(bytearray(100)))
 
 
-def test_flipped_byte_detected_or_digest_catches() -> None:
-    # a flipped byte may decode to other bytes; the decoder's sha256 catches that. Here:
-    # the codec must never return a wrong length or crash with a non-Integrity error.
-    c = parse_codec("zstd")
+@pytest.mark.parametrize("spec", ["zstd", "lz4", "none"])
+def test_flipped_byte_detected_or_digest_catches(spec: str) -> None:
+    """A frame cut short is refused. A flipped byte: the codec raises IntegrityError, or returns exactly the
+    frame's length having written exactly that many bytes (never a wrong length, nothing past
+    the frame, no other error). Where it returns other bytes, the decoder's check of the
+    frame's sha256 refuses them (decode_frame)."""
+    c = parse_codec(spec)
     data = sample(100_000)
-    comp = bytearray(c.compress(data))
+    comp = c.compress(data)
+    frame = FrameInfo(
+        0, len(data), 0, len(comp), "sha256:" + hashlib.sha256(data).hexdigest(), False
+    )
+    guard = b"\xa5" * 64
+    outcomes = {"refused": 0, "same bytes": 0, "other bytes": 0}
     for pos in range(0, len(comp), max(1, len(comp) // 50)):
+        # cut there: always refused (a short frame never passes for a whole one)
+        buf = bytearray(b"\x5a" * len(data) + guard)
+        with pytest.raises(IntegrityError):
+            c.decompress_into(comp[:pos], memoryview(buf)[: len(data)])
+        assert buf[len(data) :] == guard
         bad = bytearray(comp)
         bad[pos] ^= 0x55
-        out = bytearray(len(data))
         try:
-            c.decompress_into(bytes(bad), memoryview(out))
+            n = c.decompress_into(bytes(bad), memoryview(buf)[: len(data)])
         except IntegrityError:
+            outcomes["refused"] += 1
             continue
+        assert n == len(data)
+        assert buf[len(data) :] == guard
+        if buf[: len(data)] == data:
+            outcomes["same bytes"] += 1  # the flip hit a byte that does not matter
+            continue
+        outcomes["other bytes"] += 1
+        with pytest.raises(IntegrityError, match="decodes to"):
+            decode_frame(bytes(bad), frame, c)
+    # both outcomes are exercised: a stored frame takes every flip as other bytes; a zstd or
+    # lz4 frame refuses a flip in its header (position 0 is in the magic number) and, having
+    # no content checksum, decodes most others to other bytes of the right length
+    assert outcomes["other bytes"] > 0, outcomes
+    assert (outcomes["refused"] > 0) == (spec != "none"), outcomes
 
 
 def test_threads_share_a_codec() -> None:
