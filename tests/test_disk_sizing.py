@@ -7,9 +7,9 @@ import pytest
 from barge.disk.sizing import (
     choose_chunk_size,
     count_layers,
-    format_size,
 )
 from barge.errors import LimitError, UsageError
+from barge.units import format_size
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -56,6 +56,7 @@ def test_bad_arguments() -> None:
 
 
 def test_format_size() -> None:
+    """The one size formatter (barge.units) as the sizing messages use it."""
     assert format_size(512 * MiB) == "512 MiB"
-    assert format_size(3 * GiB // 2) == "1.50 GiB"
+    assert format_size(3 * GiB // 2) == "1.5 GiB"
     assert format_size(10) == "10 B"

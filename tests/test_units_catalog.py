@@ -34,8 +34,14 @@ def test_parse_size_rejects(text: str) -> None:
 
 
 def test_format_size() -> None:
-    assert format_size(20 << 30) == "20.0 GiB"
+    assert format_size(20 << 30) == "20 GiB"
     assert format_size(10) == "10 B"
+    assert format_size(0) == "0 B"
+    assert format_size(1023) == "1023 B"
+    assert format_size(2970) == "2.9 KiB"
+    assert format_size(3 * (1 << 30) // 2) == "1.5 GiB"
+    assert format_size(5 << 40) == "5 TiB"
+    assert format_size(5000 << 40) == "5000 TiB"
 
 
 def test_catalog_refs_keep_ports_and_ipv6(barge_home: Path) -> None:

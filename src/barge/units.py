@@ -36,10 +36,13 @@ def parse_size(text: str, *, what: str = "size") -> int:
 
 
 def format_size(n: int) -> str:
-    """Human-readable binary size: ``20.0 GiB``."""
+    """A binary size as every message and table shows one: ``10 B``, ``512 MiB``, ``20 GiB``
+    (a whole number of the unit), ``1.5 GiB``, ``2.9 KiB`` (else one decimal)."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+            if unit == "B" or value == int(value):
+                return f"{int(value)} {unit}"
+            return f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"  # pragma: no cover

@@ -29,7 +29,6 @@ from typing import Any, BinaryIO
 from barge.cache import find_cached
 from barge.disk.decoder import DecodeBuffers, decode_chunk
 from barge.disk.index import ChunkMeta, FrameIndex, zero_digest
-from barge.disk.sizing import format_size
 from barge.disk.sparse import data_extents
 from barge.disk.streams import stream_decoder
 from barge.errors import IntegrityError, NotFoundError, UnsupportedError
@@ -42,6 +41,7 @@ from barge.progress import NullReporter, Reporter, Task
 from barge.store import Store, VMConfig
 from barge.transfer.end import End
 from barge.transfer.open import Ends, is_vm_name
+from barge.units import format_size
 from barge.untrusted import load_json
 
 READ_SIZE = 1 << 20

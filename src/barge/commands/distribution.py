@@ -7,12 +7,11 @@ import click
 from barge import api
 from barge.api import ImportOptions, VerifyOptions
 from barge.commands.common import collector, echo, emit_json, format_option, timeout_options
-from barge.disk.sizing import format_size as fmt_size
 from barge.errors import ExitCode
 from barge.progress import ConsoleReporter
 from barge.transfer.copy import CopyOptions
 from barge.transfer.export import ExportOptions
-from barge.units import parse_size
+from barge.units import format_size, parse_size
 
 commands = collector()
 
@@ -81,7 +80,7 @@ def copy(
         if not quiet:
             echo(
                 f"copied {s.manifests} manifests: {s.copied_blobs} blobs / "
-                f"{fmt_size(s.copied_bytes)} sent, {s.existing_blobs} already there, "
+                f"{format_size(s.copied_bytes)} sent, {s.existing_blobs} already there, "
                 f"{s.mounted_blobs} mounted",
                 err=True,
             )

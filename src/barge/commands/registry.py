@@ -10,19 +10,14 @@ from barge import api
 from barge.commands.common import collector, echo, emit_json, format_option, timeout_options
 from barge.errors import UsageError
 from barge.reference import parse_registry_host
+from barge.units import format_size
 
 commands = collector()
 
 
 def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)  # pragma: no cover
+    """A size in the table, ``-`` where the image does not say."""
+    return "-" if n is None else format_size(n)
 
 
 @commands.command()

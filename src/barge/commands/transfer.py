@@ -7,12 +7,11 @@ import click
 from barge import api
 from barge.commands.common import collector, echo, emit_json, format_option, timeout_options
 from barge.disk.codec import DEFAULT_CODEC
-from barge.disk.sizing import format_size as fmt_size
 from barge.errors import UsageError
 from barge.progress import ConsoleReporter
 from barge.transfer.pull import PullOptions
 from barge.transfer.push import PushOptions
-from barge.units import parse_size
+from barge.units import format_size, parse_size
 
 commands = collector()
 
@@ -144,8 +143,8 @@ def push(
     if not quiet:
         s = res.stats
         echo(
-            f"pushed {name}: {res.layers} layers ({fmt_size(res.chunk_size)} chunks), "
-            f"uploaded {s.uploaded_blobs} blobs / {fmt_size(s.uploaded_bytes)}, "
+            f"pushed {name}: {res.layers} layers ({format_size(res.chunk_size)} chunks), "
+            f"uploaded {s.uploaded_blobs} blobs / {format_size(s.uploaded_bytes)}, "
             f"{s.existing_blobs} already there, {s.mounted_blobs} mounted",
             err=True,
         )
@@ -185,7 +184,7 @@ def pull(
     s = res.stats
     if not quiet:
         echo(
-            f"fetched {fmt_size(s.fetched_bytes)}, reused {fmt_size(s.reused_bytes)} from local data",
+            f"fetched {format_size(s.fetched_bytes)}, reused {format_size(s.reused_bytes)} from local data",
             err=True,
         )
     echo(f"pulled {reference}@{res.digest}")

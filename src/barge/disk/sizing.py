@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from barge.errors import LimitError, UsageError
+from barge.units import format_size
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -24,7 +25,6 @@ __all__ = [
     "SizingDecision",
     "choose_chunk_size",
     "count_layers",
-    "format_size",
 ]
 
 MiB = 1 << 20
@@ -42,15 +42,6 @@ class SizingDecision:
     chunk_size: int
     layers: int  # worst-case number of disk layers at chunk_size
     reason: str | None  # one line when the default was raised, else None
-
-
-def format_size(n: int) -> str:
-    """``512 MiB``, ``1.5 GiB``: a compact binary size for messages."""
-    for unit, scale in (("TiB", 1 << 40), ("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
-        if n >= scale:
-            v = n / scale
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.2f} {unit}".replace(".00", "")
-    return f"{n} B"
 
 
 def count_layers(disk_sizes: Mapping[str, int], chunk_size: int) -> int:
