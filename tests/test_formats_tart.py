@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 
 from barge.errors import IntegrityError, UnsupportedError
-from barge.formats import BlobDescriptor, detect_format, tart
+from barge.formats import detect_format, tart
 from barge.formats.tart import DiskChunk
+from barge.oci.types import Descriptor
 from clitest import sha
 
 
-def desc(name: str, size: int = 100) -> BlobDescriptor:
-    return BlobDescriptor("application/octet-stream", sha(name.encode()), size)
+def desc(name: str, size: int = 100) -> Descriptor:
+    return Descriptor("application/octet-stream", sha(name.encode()), size)
 
 
 SIZES = [512 * 1024 * 1024, 512 * 1024 * 1024, 12345]

@@ -4,7 +4,7 @@
 - :mod:`barge.formats.vetu`: Vetu's format (read), §2.
 - this module: format detection and the validation helpers the readers share (§4).
 
-Manifests are handled as parsed JSON (``dict``); descriptors become :class:`BlobDescriptor`.
+Manifests are handled as parsed JSON (``dict``); descriptors become :class:`barge.oci.types.Descriptor` (:func:`descriptor`).
 Everything taken from a manifest is validated here before it is used: digests, sizes (integers,
 non-negative, bounded), media types (unknown ones are refused by name).
 """
@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from barge.errors import IntegrityError
-from barge.oci.types import DOCKER_CONFIG, DOCKER_MANIFEST, IMAGE_TYPES, OCI_CONFIG, OCI_MANIFEST
+from barge.oci.types import (
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
+    IMAGE_TYPES,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    Descriptor,
+)
 
 FormatName = Literal["barge", "tart", "vetu", "other"]
 
@@ -51,7 +57,7 @@ _SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _DECIMAL_RE = re.compile(r"[0-9]{1,20}")
 
 __all__ = [
-    "BlobDescriptor",
+    "descriptor",
     "FormatName",
     "detect_format",
     "parse_decimal",
@@ -99,49 +105,30 @@ def _show(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-@dataclass(frozen=True)
-class BlobDescriptor:
-    """An OCI content descriptor, validated."""
-
-    media_type: str
-    digest: str
-    size: int
-    annotations: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, obj: object, what: str) -> BlobDescriptor:
-        if not isinstance(obj, Mapping):
-            raise IntegrityError(f"{what}: expected a descriptor object, got {_show(obj)}")
-        media_type = obj.get("mediaType")
-        if not isinstance(media_type, str) or not media_type or len(media_type) > 255:
-            raise IntegrityError(f"{what}: invalid mediaType {_show(media_type)}")
-        digest = validate_digest(obj.get("digest"), what)
-        size = check_int(obj.get("size"), f"{what} size")
-        raw_ann = obj.get("annotations")
-        annotations: dict[str, str] = {}
-        if raw_ann is not None:
-            if not isinstance(raw_ann, Mapping):
-                raise IntegrityError(f"{what}: annotations must be an object")
-            for k, v in raw_ann.items():
-                if not isinstance(k, str) or not isinstance(v, str):
-                    raise IntegrityError(f"{what}: annotation {_show(k)} is not a string")
-                annotations[k] = v
-        return cls(media_type, digest, size, annotations)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "mediaType": self.media_type,
-            "digest": self.digest,
-            "size": self.size,
-        }
-        if self.annotations:
-            out["annotations"] = dict(self.annotations)
-        return out
+def descriptor(obj: object, what: str) -> Descriptor:
+    """A content descriptor from an image's manifest, validated strictly (an
+    :class:`~barge.errors.IntegrityError` naming ``what`` otherwise): the one descriptor type,
+    :class:`barge.oci.types.Descriptor`, with its annotations always a dict."""
+    if not isinstance(obj, Mapping):
+        raise IntegrityError(f"{what}: expected a descriptor object, got {_show(obj)}")
+    media_type = obj.get("mediaType")
+    if not isinstance(media_type, str) or not media_type or len(media_type) > 255:
+        raise IntegrityError(f"{what}: invalid mediaType {_show(media_type)}")
+    digest = validate_digest(obj.get("digest"), what)
+    size = check_int(obj.get("size"), f"{what} size")
+    raw_ann = obj.get("annotations")
+    annotations: dict[str, str] = {}
+    if raw_ann is not None:
+        if not isinstance(raw_ann, Mapping):
+            raise IntegrityError(f"{what}: annotations must be an object")
+        for k, v in raw_ann.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise IntegrityError(f"{what}: annotation {_show(k)} is not a string")
+            annotations[k] = v
+    return Descriptor(media_type, digest, size, annotations)
 
 
-def manifest_layers(
-    manifest: Mapping[str, Any], what: str
-) -> tuple[BlobDescriptor, list[BlobDescriptor]]:
+def manifest_layers(manifest: Mapping[str, Any], what: str) -> tuple[Descriptor, list[Descriptor]]:
     """Validate the envelope of an image manifest; return its config and layer descriptors."""
     if not isinstance(manifest, Mapping):
         raise IntegrityError(f"{what}: manifest is not a JSON object")
@@ -152,13 +139,13 @@ def manifest_layers(
     mt = manifest.get("mediaType")
     if mt is not None and mt not in IMAGE_MANIFEST_MEDIA_TYPES:
         raise IntegrityError(f"{what}: not an image manifest (mediaType {_show(mt)})")
-    config = BlobDescriptor.from_json(manifest.get("config"), f"{what} config")
+    config = descriptor(manifest.get("config"), f"{what} config")
     layers = manifest.get("layers")
     if not isinstance(layers, list):
         raise IntegrityError(f"{what}: 'layers' must be a list")
     if len(layers) > MAX_LAYERS:
         raise IntegrityError(f"{what}: {len(layers)} layers exceed the limit of {MAX_LAYERS}")
-    return config, [BlobDescriptor.from_json(x, f"{what} layer {i}") for i, x in enumerate(layers)]
+    return config, [descriptor(x, f"{what} layer {i}") for i, x in enumerate(layers)]
 
 
 def manifest_annotations(manifest: Mapping[str, Any], what: str) -> dict[str, str]:

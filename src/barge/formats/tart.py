@@ -51,7 +51,6 @@ from barge.formats import (
     MAX_DISK_SIZE,
     OCI_CONFIG_MEDIA_TYPE,
     OCI_MANIFEST_MEDIA_TYPE,
-    BlobDescriptor,
     check_int,
     manifest_annotations,
     manifest_layers,
@@ -59,6 +58,7 @@ from barge.formats import (
     validate_digest,
     validate_sha256,
 )
+from barge.oci.types import Descriptor
 from barge.untrusted import load_json
 
 # Layer media types
@@ -117,7 +117,7 @@ __all__ = [
 class DiskChunk(NamedTuple):
     """One disk layer: its (compressed) blob, where it goes and what it decodes to."""
 
-    descriptor: BlobDescriptor
+    descriptor: Descriptor
     offset: int  # uncompressed byte offset in the disk
     size: int  # uncompressed size
     digest: str  # sha256 of the uncompressed bytes
@@ -125,9 +125,9 @@ class DiskChunk(NamedTuple):
 
 @dataclass(frozen=True)
 class TartImage:
-    config: BlobDescriptor  # the stub OCI config
-    vm_config: BlobDescriptor  # Tart's config.json
-    nvram: BlobDescriptor
+    config: Descriptor  # the stub OCI config
+    vm_config: Descriptor  # Tart's config.json
+    nvram: Descriptor
     disk_chunks: tuple[DiskChunk, ...]  # sorted by offset, tiling 0..disk_size
     disk_size: int
     upload_time: str | None
@@ -159,9 +159,9 @@ def parse_tart_manifest(manifest: Mapping[str, Any]) -> TartImage:
     config, layers = manifest_layers(manifest, what)
     if config.media_type not in CONFIG_MEDIA_TYPES:
         raise UnsupportedError(f"{what}: unknown config media type {config.media_type!r}")
-    vm_configs: list[BlobDescriptor] = []
-    nvrams: list[BlobDescriptor] = []
-    disks: list[tuple[int, BlobDescriptor]] = []
+    vm_configs: list[Descriptor] = []
+    nvrams: list[Descriptor] = []
+    disks: list[tuple[int, Descriptor]] = []
     ignored: list[str] = []
     for i, layer in enumerate(layers):
         mt = layer.media_type
@@ -195,7 +195,7 @@ def parse_tart_manifest(manifest: Mapping[str, Any]) -> TartImage:
     order_offset = 0
     annotated: list[int | None] = []
     for i, layer in disks:
-        ann = layer.annotations
+        ann = layer.annotations or {}
         lw = f"{what}: disk layer {i}"
         if UNCOMPRESSED_SIZE_ANNOTATION not in ann:
             raise IntegrityError(f"{lw} has no {UNCOMPRESSED_SIZE_ANNOTATION} annotation")
@@ -430,10 +430,10 @@ def format_upload_time(when: _dt.datetime) -> str:
 
 
 def build_tart_manifest(
-    config_desc: BlobDescriptor,
-    vm_config_desc: BlobDescriptor,
-    disk_layers: Sequence[DiskChunk | tuple[BlobDescriptor, int, int, str]],
-    nvram_desc: BlobDescriptor,
+    config_desc: Descriptor,
+    vm_config_desc: Descriptor,
+    disk_layers: Sequence[DiskChunk | tuple[Descriptor, int, int, str]],
+    nvram_desc: Descriptor,
     disk_size: int,
     upload_time: _dt.datetime | str,
 ) -> bytes:

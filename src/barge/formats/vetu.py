@@ -32,12 +32,12 @@ from barge.errors import IntegrityError, UnsupportedError
 from barge.formats import (
     CONFIG_MEDIA_TYPES,
     MAX_DISK_SIZE,
-    BlobDescriptor,
     manifest_layers,
     parse_decimal,
     validate_sha256,
 )
 from barge.formats.tart import DiskChunk
+from barge.oci.types import Descriptor
 from barge.untrusted import load_json
 
 CONFIG_MEDIA_TYPE = "application/vnd.cirruslabs.vetu.config.v1"
@@ -98,10 +98,10 @@ class VetuDisk:
 
 @dataclass(frozen=True)
 class VetuImage:
-    config: BlobDescriptor  # the manifest's OCI config
-    vm_config: BlobDescriptor
-    kernel: BlobDescriptor
-    initramfs: BlobDescriptor | None
+    config: Descriptor  # the manifest's OCI config
+    vm_config: Descriptor
+    kernel: Descriptor
+    initramfs: Descriptor | None
     disks: tuple[VetuDisk, ...]  # in order of first appearance
     #: media types of the layers Vetu (and so barge) ignores, in layer order
     ignored: tuple[str, ...] = ()
@@ -140,9 +140,9 @@ def parse_vetu_manifest(manifest: Mapping[str, Any]) -> VetuImage:
     config, layers = manifest_layers(manifest, what)
     if config.media_type not in CONFIG_MEDIA_TYPES:
         raise UnsupportedError(f"{what}: unknown config media type {config.media_type!r}")
-    vm_configs: list[BlobDescriptor] = []
-    kernels: list[BlobDescriptor] = []
-    initramfses: list[BlobDescriptor] = []
+    vm_configs: list[Descriptor] = []
+    kernels: list[Descriptor] = []
+    initramfses: list[Descriptor] = []
     by_name: dict[str, list[DiskChunk]] = {}
     ignored: list[str] = []
     for i, layer in enumerate(layers):
@@ -155,7 +155,7 @@ def parse_vetu_manifest(manifest: Mapping[str, Any]) -> VetuImage:
             initramfses.append(layer)
         elif mt == DISK_MEDIA_TYPE:
             lw = f"{what}: disk layer {i}"
-            ann = layer.annotations
+            ann = layer.annotations or {}
             for key in (
                 NAME_ANNOTATION,
                 UNCOMPRESSED_SIZE_ANNOTATION,

@@ -37,7 +37,6 @@ from barge.disk.chunker import ChunkDigests, ChunkPlan, hash_chunk
 from barge.disk.sizing import DEFAULT_FRAME_SIZE
 from barge.disk.streams import STREAM_CODECS, encode_region
 from barge.errors import IntegrityError, LimitError, UnsupportedError, UsageError
-from barge.formats import BlobDescriptor
 from barge.formats import tart as tartfmt
 from barge.image import Blob
 from barge.oci.errors import LayerLimitExceeded
@@ -186,9 +185,7 @@ class TartWriter:
         enc.task.advance(plan.length)
         return digests, tartfmt.DiskChunk(desc, plan.offset, plan.length, digests.udigest)
 
-    def _ensure_chunk(
-        self, enc: Encoding, fd: int, plan: ChunkPlan, udigest: str
-    ) -> BlobDescriptor:
+    def _ensure_chunk(self, enc: Encoding, fd: int, plan: ChunkPlan, udigest: str) -> Descriptor:
         cat = enc.store.catalog
         mt = tartfmt.DISK_V2_MEDIA_TYPE
         row = cat.find_chunk(udigest, CODEC, 0, mt)
@@ -196,7 +193,7 @@ class TartWriter:
         if row is not None:
             first = enc.sender.first_missing(Descriptor(mt, row.cdigest, row.csize), enc.ends)
             if first is None:
-                return BlobDescriptor(mt, row.cdigest, row.csize)
+                return Descriptor(mt, row.cdigest, row.csize)
         spool = spool_path(enc.store.tmp_dir, "tartpush", plan.offset)
         cat.lease_add(enc.lease_id, "path", [spool.name])
         try:
@@ -213,7 +210,7 @@ class TartWriter:
                 enc.sender.send(blob, open_file_at(spool), ends[first + 1 :])
             else:
                 enc.sender.send(blob, open_file_at(spool), ends)
-            return BlobDescriptor(mt, cdigest, csize)
+            return Descriptor(mt, cdigest, csize)
         finally:
             spool.unlink(missing_ok=True)
 
@@ -342,5 +339,5 @@ class TartWriter:
         )
 
 
-def _desc(blob: Blob) -> BlobDescriptor:
-    return BlobDescriptor(blob.media_type, sha256_digest(blob.data), len(blob.data))
+def _desc(blob: Blob) -> Descriptor:
+    return Descriptor(blob.media_type, sha256_digest(blob.data), len(blob.data))
