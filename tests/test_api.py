@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
 import random
 import socket
 import tarfile
@@ -155,7 +154,7 @@ def test_copy_then_verify_is_copy_verify(
 
 
 def test_errors_reach_the_caller_typed(
-    barge_home: Path, tmp_path: Path, registry: RunningRegistry
+    barge_home: Path, registry: RunningRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with pytest.raises(barge.NotFoundError):
         barge.pull(f"{registry.host}/nothing/here:v1")
@@ -171,16 +170,13 @@ def test_errors_reach_the_caller_typed(
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ["BARGE_RETRY_TIMEOUT"] = "1"
-    try:
-        with pytest.raises(barge.RegistryError) as e:
-            barge.pull(f"127.0.0.1:{port}/x/y:v1")
-    finally:
-        del os.environ["BARGE_RETRY_TIMEOUT"]
+    monkeypatch.setenv("BARGE_RETRY_TIMEOUT", "1")
+    with pytest.raises(barge.RegistryError) as e:
+        barge.pull(f"127.0.0.1:{port}/x/y:v1")
     assert e.value.exit_code == barge.ExitCode.REGISTRY
 
 
-def test_a_store_of_ones_own(tmp_path: Path, registry: RunningRegistry) -> None:
+def test_a_store_of_ones_own(barge_home: Path, tmp_path: Path, registry: RunningRegistry) -> None:
     """``store=`` keeps everything in that store: nothing in $BARGE_HOME."""
     store = barge.Store(tmp_path / "mine")
     barge.create("vm", barge.CreateOptions(disk_size=4 << 20), store=store)
@@ -188,3 +184,4 @@ def test_a_store_of_ones_own(tmp_path: Path, registry: RunningRegistry) -> None:
     res: Any = barge.push("vm", f"{registry.host}/own/vm:v1", store=store)
     assert barge.pull(f"{registry.host}/own/vm:v1", store=store).digest == res.digest
     assert (tmp_path / "mine" / "vms" / "vm").is_dir()
+    assert not (barge_home / "vms").exists() and not (barge_home / "cache").exists()

@@ -16,14 +16,32 @@ from barge.untrusted import printable
 
 
 class Task(Protocol):
-    def advance(self, n: int) -> None: ...
-    def add_total(self, n: int) -> None: ...
+    """One piece of work being reported (a push's chunks, a pull's layers): bytes moved."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes are done (negative when a retried transfer undoes some)."""
+        ...
+
+    def add_total(self, n: int) -> None:
+        """The work grew by ``n`` bytes (a total learnt on the way)."""
+        ...
 
 
 class Reporter(Protocol):
-    def task(self, description: str, total: int | None) -> Task: ...
-    def note(self, message: str) -> None: ...
-    def close(self) -> None: ...
+    """What barge tells about its progress: anything with these methods (``barge.push(...,
+    reporter=r)``). Called from worker threads: an implementation must be thread-safe."""
+
+    def task(self, description: str, total: int | None) -> Task:
+        """A new task (``total`` bytes, None when not known yet)."""
+        ...
+
+    def note(self, message: str) -> None:
+        """A one-line decision or fact (``chunk size raised to 1 GiB ...``, ``no tag given``)."""
+        ...
+
+    def close(self) -> None:
+        """The operation is over (the CLI's reporter removes its bars)."""
+        ...
 
 
 class _NullTask:
