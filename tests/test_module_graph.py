@@ -168,6 +168,35 @@ def test_the_cli_is_not_imported_back() -> None:
     assert importers == ["barge.__main__"]
 
 
+#: What the command modules may import: the API, what every command shares, and the leaves
+#: (errors, sizes, output escaping, the console reporter). Running VMs (barge.vm) is not in
+#: the API yet: the run commands call barge.vm.runner.
+CLI_MAY_IMPORT = {
+    "barge.api",
+    "barge.commands.common",
+    "barge.disk.codec",  # DEFAULT_CODEC, shown in --help
+    "barge.errors",
+    "barge.oci.settings",  # the timeout flags
+    "barge.progress",
+    "barge.reference",
+    "barge.store",
+    "barge.units",
+    "barge.untrusted",
+}
+
+
+def test_the_cli_is_a_client_of_the_api() -> None:
+    """The command modules reach barge's operations only through barge.api."""
+    reached = {
+        f"{m}: {t}"
+        for m, (top, _) in GRAPH.items()
+        if m.startswith("barge.commands.")
+        for t in top
+        if t not in CLI_MAY_IMPORT and not (m == "barge.commands.run" and t.startswith("barge.vm"))
+    }
+    assert reached == set()
+
+
 def test_long_modules_say_why() -> None:
     """A module over ~600 lines (outside barge.oci) states at its top why it is one module
     ("Why one module", or why it is "over 600 lines")."""

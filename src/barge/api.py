@@ -42,8 +42,12 @@ from barge.vm import runner
 __all__ = [
     "CloneOptions",
     "Cloned",
+    "CopyOptions",
     "CreateOptions",
+    "ExportOptions",
     "ImportOptions",
+    "PullOptions",
+    "PushOptions",
     "VMInfo",
     "VerifyOptions",
     "clone",

@@ -5,12 +5,10 @@ from __future__ import annotations
 import click
 
 from barge import api
-from barge.api import ImportOptions, VerifyOptions
+from barge.api import CopyOptions, ExportOptions, ImportOptions, VerifyOptions
 from barge.commands.common import collector, echo, emit_json, format_option, timeout_options
 from barge.errors import ExitCode
 from barge.progress import ConsoleReporter
-from barge.transfer.copy import CopyOptions
-from barge.transfer.export import ExportOptions
 from barge.units import format_size, parse_size
 
 commands = collector()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import click
 
 from barge import api
+from barge.api import PullOptions, PushOptions
 from barge.commands.common import collector, echo, emit_json, format_option, timeout_options
 from barge.disk.codec import DEFAULT_CODEC
 from barge.errors import UsageError
 from barge.progress import ConsoleReporter
-from barge.transfer.pull import PullOptions
-from barge.transfer.push import PushOptions
 from barge.units import format_size, parse_size
 
 commands = collector()
