@@ -15,6 +15,7 @@ from barge.store import Store
 from barge.transfer.copy import CopyOptions, copy, tag
 from barge.transfer.pull import pull
 from barge.transfer.push import push
+from barge.verify import verify
 from clitest import at, barge, sha256_file, skopeo_digest
 from faultproxy import FaultProxy
 from localvms import SMALL, make_vm
@@ -159,3 +160,37 @@ def test_tag_adds_tags_with_no_blob_traffic(
     assert "barge copy" in err
     res = tag(store, f"{registry.host}/a/vm:v1", ["again"])
     assert res.digest == pushed.digest and res.stats.copied_blobs == 0
+
+
+def _open_archives() -> list[str]:
+    """The .tar files this process holds open."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith(".tar"):
+            out.append(target)
+    return out
+
+
+def test_copy_from_archive_and_verify_archive_close_their_files(
+    barge_home: Path, registry: RunningRegistry, tmp_path: Path
+) -> None:
+    """Reading an oci-archive (as a source, or to --verify one just written) leaks no fd."""
+    push_image(registry, "r/x", "v1")
+    store = Store()
+    archive = tmp_path / "img.tar"
+    src = f"{registry.host}/r/x:v1"
+    copy(store, src, f"oci-archive:{archive}")
+
+    def round_(i: int) -> None:
+        copy(store, f"oci-archive:{archive}", f"oci:{tmp_path}/dir{i}")
+        verify(store, f"oci-archive:{archive}")
+        res = copy(store, src, f"oci-archive:{tmp_path}/w{i}.tar")  # then --verify's check
+        assert verify(store, res.images[0].destination, remote=True).ok
+
+    for i in range(2):
+        round_(i)
+    assert _open_archives() == []

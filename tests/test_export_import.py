@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from barge.errors import ExitCode
+from barge.errors import ExitCode, NoSpaceError
 from barge.local import create_vm
 from barge.store import Store
 from barge.verify import verify
@@ -106,3 +106,20 @@ def test_export_import_refusals(store: Store, tmp_path: Path) -> None:
     assert "already exists" in err
     err = barge("export", "nope", str(tmp_path / "x"), code=ExitCode.NOT_FOUND)
     assert "nope" in err
+
+
+def test_failed_import_keeps_no_cache_reference_to_the_layout(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """import is a pull then a clone: when the clone fails, the layout's cache entry goes too."""
+    make_vm(store, tmp_path)
+    layout = tmp_path / "layout"
+    barge("export", "vm", f"oci:{layout}", "--chunk-size", "8M")
+
+    def no_space(*a: object, **k: object) -> None:
+        raise NoSpaceError("no space left (simulated)")
+
+    monkeypatch.setattr("barge.transfer.clone.clone_dir", no_space)
+    barge("import", f"oci:{layout}", "vm2", code=ExitCode.NO_SPACE)
+    assert json.loads(barge("list", "--source", "oci", "--format", "json")) == []
+    assert not list(store.cache_dir.iterdir())

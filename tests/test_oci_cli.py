@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from barge.cli import main
 from barge.errors import ExitCode
 from registries import RunningRegistry
-from seed import push_image
+from seed import push_image, put_manifest
 
 
 def run(*args: str, input: str | None = None):  # type: ignore[no-untyped-def]
@@ -93,6 +93,19 @@ def test_inspect_and_tags(registry: RunningRegistry, barge_home: Path) -> None:
     assert json.loads(r.output) == {"repository": f"{registry.host}/vm/ubuntu", "tags": ["24.04"]}
     r = run("tags", f"{registry.host}/vm/missing")
     assert r.exit_code == ExitCode.NOT_FOUND
+
+
+def test_inspect_malformed_manifest_is_an_integrity_error(
+    barge_home: Path, registry: RunningRegistry
+) -> None:
+    """A manifest the registry accepted but barge cannot parse: exit 6, not 'internal error'."""
+    _, data = push_image(registry, "r/x", "ok")
+    doc = json.loads(data)
+    doc["layers"][0]["size"] = -1
+    put_manifest(registry, "r/x", "bad", json.dumps(doc).encode())
+    r = run("inspect", f"{registry.host}/r/x:bad")
+    assert r.exit_code == ExitCode.INTEGRITY
+    assert "invalid manifest" in r.output and "internal error" not in r.output
 
 
 def test_debug_output_has_no_secrets(

@@ -118,3 +118,21 @@ def test_verify_oci_layout(store: Store, tmp_path: Path) -> None:
     _flip(biggest, 10)
     err = barge("verify", f"oci:{out}", code=ExitCode.INTEGRITY)
     assert f"FAILED: blob sha256:{biggest.name}" in err
+
+
+def test_verify_cache_entry_without_manifest_or_frame_index_fails(
+    store: Store, registry: RunningRegistry
+) -> None:
+    """verify promises manifest.json hashes to the digest and every frame is checked against
+    index.json: a cache entry missing either is damaged, not OK."""
+    ref = f"{registry.host}/team/vm:v1"
+    push(store, "vm", [ref], SMALL)
+    res = pull(store, ref)
+    assert verify(store, ref).ok
+    os.chmod(res.path, 0o755)
+    (res.path / "index.json").unlink()
+    rep = verify(store, ref)
+    assert not rep.ok and rep.faults[0].what == "index.json", rep.faults
+    (res.path / "manifest.json").unlink()
+    err = barge("verify", ref, code=ExitCode.INTEGRITY)
+    assert "manifest.json is missing" in err
