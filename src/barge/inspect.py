@@ -118,7 +118,6 @@ def inspect(store: Store, reference: str, *, insecure: bool = False) -> dict[str
     :func:`describe` of its manifest."""
     with Ends(store, insecure=insecure) as ends:
         src = ends.open(reference, "source", "inspect")
-        assert src.end is not None and src.given is not None
         m = src.manifest()
         try:
             described = describe(src.end, m)

@@ -477,7 +477,6 @@ def verify(
                     lock.release()
     with Ends(store, insecure=insecure) as ends:
         src = ends.open(text, "source", "verify")
-        assert src.end is not None
         m = src.manifest(platform)
         return verify_end(src.end, m, text, deep=deep, concurrency=concurrency, reporter=reporter)
 

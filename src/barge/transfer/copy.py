@@ -146,8 +146,7 @@ class _Copy:
                     src, dst, tags = self.ends.open_all_tags(source, destination)
                     self.dst = dst
                     if not tags:
-                        self.note(f"{src.end.label if src.end else source} has no tags")
-                    assert src.ref is not None
+                        self.note(f"{src.end.label} has no tags")
                     images = [
                         self._one(
                             replace(src, ref=src.ref.with_tag(t), given=src.ref.with_tag(t)), dst
@@ -158,7 +157,6 @@ class _Copy:
                     src = self.ends.open(source, "source", "copy")
                     self.dst = dst = self.ends.open(destination, "destination", "copy")
                     images = [self._one(src, dst)]
-                assert dst.end is not None
                 dst.end.commit()
                 walks = [self.walk] if self.walk is not None else []
                 sender = self.walk.sender if self.walk is not None else Sender()
@@ -171,7 +169,6 @@ class _Copy:
             self.ends.close()
 
     def _one(self, src: Opened, dst: Opened) -> CopiedImage:
-        assert src.end is not None and dst.end is not None and dst.ref is not None
         if self.walk is None:
             self.walk = ImageCopy(
                 src.end,
@@ -185,7 +182,6 @@ class _Copy:
         tag = dst.ref.tag or src.tag
         digest = self.walk.copy(chosen, tag)
         where = replace(dst.ref, tag=tag, digest=digest)
-        assert src.given is not None
         return CopiedImage(
             str(src.given), str(where), digest, chosen.media_type, chosen.size, where
         )

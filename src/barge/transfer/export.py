@@ -124,7 +124,7 @@ def export_image(
     )
     with Pushing(store, popts, reporter) as run:
         dest = run.ends.open(path, "destination", "export-vm")
-        assert dest.end is not None and dest.ref is not None and dest.tag is not None
+        assert dest.tag is not None
         pushed = run.push(source, [Target(dest.end, [dest.tag])])
         return ExportResult(
             source,

@@ -75,8 +75,6 @@ _SAYS_LATEST = {"pull": "pulling", "copy": "copying", "clone": "pulling", "expor
 _KEEPS_SOURCE_TAG = {"copy", "export"}
 #: Verbs that take a bare path for a layout.
 _TAKES_PATH = {"export", "export-vm", "import"}
-#: Verbs that take a local VM name as their source.
-_VM_SOURCE = {"push", "export", "verify"}
 
 
 def is_vm_name(text: str) -> bool:
@@ -133,38 +131,32 @@ class Opened:
 
     text: str
     """What the user typed."""
-    end: End | None
-    """None for a local VM (the verb reaches it through the store)."""
-    ref: Reference | None
-    """The location with the tag (and digest) to use; None for a local VM."""
-    given: Reference | None = None
+    end: End
+    ref: Reference
+    """The location with the tag (and digest) to use."""
+    given: Reference
     """The location as typed (no ``latest`` filled in)."""
-    vm: str | None = None
-    """The local VM's name."""
     defaulted: bool = False
     """``latest`` was filled in (a source: or no tag was given for a layout)."""
 
     @property
     def tag(self) -> str | None:
-        return self.ref.tag if self.ref is not None else None
+        return self.ref.tag
 
     @property
     def reference(self) -> str:
         """What a source is asked for: the digest, else the tag, else ``latest``."""
-        assert self.ref is not None
         return self.ref.ref
 
     def manifest(self, platform: str | None = None, *, one_image: bool = False) -> Manifest:
         """The source's manifest: with ``one_image`` an index is resolved to ``platform``'s
         image (this host's by default), else only when ``platform`` is given."""
-        assert self.end is not None and self.ref is not None
         top = self._top()
         if one_image or (platform and top.is_index):
             return select_platform(self.end, top, platform)
         return top
 
     def _top(self) -> Manifest:
-        assert self.end is not None and self.ref is not None
         if not (self.ref.is_layout and self.defaulted):
             return self.end.get_manifest(self.reference)
         # "latest" is only the default name: a layout whose one image is untagged answers
@@ -212,8 +204,6 @@ class Ends:
         """The end ``text`` names, as ``role`` of ``verb``."""
         if verb in _TAKES_PATH and not (role == "source" and verb == "export"):
             text = layout_text(text)
-        if role == "source" and verb in _VM_SOURCE and is_vm_name(text):
-            return Opened(text, None, None, None, vm=text)
         ref = parse_location(text)
         if role == "source":
             return self._source(text, ref, verb)
@@ -264,7 +254,6 @@ class Ends:
             raise UsageError("--all-tags keeps the source's tags: give no tag in the destination")
         src = Opened(source, self._end(sref, "source", "copy"), sref, sref)
         dst = self._destination(destination, dref, "copy")
-        assert src.end is not None
         return src, dst, sorted(set(src.end.list_tags()))
 
     def open_repository(self, text: str) -> RegistryEnd:

@@ -90,7 +90,6 @@ def pull(
 
     with Ends(store, insecure=opts.insecure, note=note) as ends:
         src = ends.open(text, "source", verb)
-        assert src.end is not None and src.ref is not None
         manifest = src.manifest(opts.platform, one_image=True)
         return pull_from(
             store,

@@ -164,7 +164,7 @@ class Pushing:
         by_end: dict[int, Target] = {}
         for text in texts:
             opened = self.ends.open(text, "destination", verb)
-            assert opened.end is not None and opened.tag is not None
+            assert opened.tag is not None
             t = by_end.setdefault(id(opened.end), Target(opened.end))
             if opened.tag not in t.tags:
                 t.tags.append(opened.tag)
@@ -330,7 +330,6 @@ def push_index(
         raise UsageError("a VM is named twice")
     with Pushing(store, opts or PushOptions(), reporter) as run:
         dest = run.ends.open(reference, "destination", "index")
-        assert dest.end is not None and dest.ref is not None
         platforms: dict[str, str] = {}
         for name in vm_names:
             p = str(vm_platform(store, name))
