@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import barge
-from registry_fixtures import RunningRegistry
+from registries import RunningRegistry
 
 
 def _disk(path: Path, size: int = 24 << 20) -> str:

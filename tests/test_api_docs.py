@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from registry_fixtures import RunningRegistry
+from registries import RunningRegistry
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 PLACEHOLDER = "127.0.0.1:5000"

@@ -4,6 +4,7 @@ mounted, resumed; all tags; no blob traffic for tags."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
