@@ -717,8 +717,8 @@ def make_vm(
 
 def push_inproc(barge: Barge, vm: str, ref: str, *, chunk: int, frame: int) -> str:
     """Push a VM with the library (set-up, not under test: any frame size); its digest."""
-    from barge.push import PushOptions, push
     from barge.store import Store
+    from barge.transfer.push import PushOptions, push
 
     store = Store(barge.home)
     try:

@@ -21,14 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from barge.endpoints import LayoutEnd
 from barge.errors import IntegrityError
 from barge.oci.layout import OCILayout
+from barge.oci.types import Descriptor
+from barge.transfer.layout import LayoutEnd
 from clitest import opener
 
 MiB = 1 << 20
 DATA = os.urandom(5 * MiB + 123)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+BLOB = Descriptor("application/octet-stream", DIGEST, len(DATA))
 
 KILLED_WRITER = """
 import os, signal, sys
@@ -73,8 +75,8 @@ def test_a_killed_blob_write_resumes_where_it_stopped_and_leaves_no_file(tmp_pat
     cut = 3 * MiB + 17
     _killed_write(tmp_path, layout, cut)
     offsets: list[int] = []
-    end = LayoutEnd(layout, "v1", create=True)
-    end.put_blob(DIGEST, len(DATA), opener(DATA, offsets), None)
+    end = LayoutEnd(layout, create=True)
+    end.put_blob(BLOB, opener(DATA, offsets), None)
     assert offsets == [cut]  # only the rest was read from the source
     assert (layout / "blobs" / "sha256" / DIGEST[7:]).read_bytes() == DATA
     assert _strays(layout) == []
@@ -86,7 +88,7 @@ def test_a_blob_killed_once_all_of_it_was_written_is_not_read_again(tmp_path: Pa
     layout = tmp_path / "layout"
     _killed_write(tmp_path, layout, len(DATA))
     offsets: list[int] = []
-    LayoutEnd(layout, "v1").put_blob(DIGEST, len(DATA), opener(DATA, offsets), None)
+    LayoutEnd(layout).put_blob(BLOB, opener(DATA, offsets), None)
     assert offsets == []
     assert (layout / "blobs" / "sha256" / DIGEST[7:]).read_bytes() == DATA
     assert _strays(layout) == []
@@ -101,7 +103,7 @@ def test_kept_bytes_that_do_not_verify_are_written_again(tmp_path: Path) -> None
         f.seek(MiB)
         f.write(b"\xff")
     offsets: list[int] = []
-    LayoutEnd(layout, "v1").put_blob(DIGEST, len(DATA), opener(DATA, offsets), None)
+    LayoutEnd(layout).put_blob(BLOB, opener(DATA, offsets), None)
     assert offsets == [cut, 0]
     assert (layout / "blobs" / "sha256" / DIGEST[7:]).read_bytes() == DATA
     assert _strays(layout) == []

@@ -17,9 +17,11 @@ import pytest
 
 from barge.disk.index import FrameIndex
 from barge.local import create_vm
-from barge.pull import Puller, pull
-from barge.push import PushOptions, push
 from barge.store import Store
+from barge.transfer import decode_barge
+from barge.transfer.decode_barge import BargeDecoding
+from barge.transfer.pull import pull
+from barge.transfer.push import PushOptions, push
 from clitest import sha256_file
 from registries import RunningRegistry
 
@@ -72,18 +74,16 @@ def test_prune_during_an_incremental_pull_keeps_its_base(
             other.close()
 
     if when == "after-choosing":
-        real_find = Puller._find_base
+        real_find = BargeDecoding._find_base
 
-        def find_then_prune(self: Puller, *a: Any) -> Any:
+        def find_then_prune(self: BargeDecoding, *a: Any) -> Any:
             found = real_find(self, *a)
             prune()
             return found
 
-        monkeypatch.setattr(Puller, "_find_base", find_then_prune)
+        monkeypatch.setattr(BargeDecoding, "_find_base", find_then_prune)
     else:
-        from barge import pull as pullmod
-
-        real_read = pullmod._LocalFrames.read
+        real_read = decode_barge._LocalFrames.read
 
         def prune_then_read(self: Any, *a: Any) -> Any:
             if not pruned:
@@ -91,7 +91,7 @@ def test_prune_during_an_incremental_pull_keeps_its_base(
                 pruned.append("ran")
             return real_read(self, *a)
 
-        monkeypatch.setattr(pullmod._LocalFrames, "read", prune_then_read)
+        monkeypatch.setattr(decode_barge._LocalFrames, "read", prune_then_read)
 
     res = pull(store, v2)
     assert res.base == base.path.name  # the pull did use v1 as its base

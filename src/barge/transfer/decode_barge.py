@@ -34,10 +34,11 @@ from barge.disk.coverage import Coverage
 from barge.disk.decoder import DecodeBuffers, DiskWriter, decode_chunk, decode_frame
 from barge.disk.index import ChunkMeta, FrameIndex
 from barge.disk.sparse import allocated_bytes, can_reflink, data_extents
-from barge.errors import IntegrityError, UnsupportedError
+from barge.errors import BusyError, IntegrityError, UnsupportedError
 from barge.image import MAX_SMALL_BLOB, parse_barge_manifest
 from barge.store import VMConfig
 from barge.store.catalog import ChunkRow
+from barge.store.store import VMLock
 from barge.transfer.decode import Staging, reset_staging
 from barge.transfer.end import OpenAt
 from barge.transfer.registry import labelled_transfer
@@ -61,6 +62,8 @@ class BargeDecoding:
         self.st = st
         self.base: str | None = None
         self.writers: dict[str, DiskWriter] = {}
+        self._base_lease: str | None = None  # the base image's lease, held to the end
+        self._base_lock: VMLock | None = None  # and its image lock (shared, as a clone's)
         self._tls = threading.local()
         try:
             self._open(doc)
@@ -138,7 +141,7 @@ class BargeDecoding:
                         want[(d.name, c.offset + f.uoffset)] = f.digest
         if not want:
             return None, None
-        best: tuple[int, Path, FrameIndex] | None = None
+        ranked: list[tuple[int, str, Path, FrameIndex]] = []
         same_repo = {
             r.digest
             for r in store.catalog.refs()
@@ -158,12 +161,30 @@ class BargeDecoding:
                             score += f.usize
             if score == 0:
                 continue
-            key = score + (1 if img.digest in same_repo else 0)
-            if best is None or key > best[0]:
-                best = (key, p, other)
-        if best is None:
-            return None, None
-        return best[1], best[2]
+            ranked.append((score + (1 if img.digest in same_repo else 0), img.digest, p, other))
+        ranked.sort(key=lambda r: -r[0])
+        for _key, digest, p, other in ranked:
+            if self._hold_base(digest, p):
+                return p, other
+        return None, None
+
+    def _hold_base(self, digest: str, path: Path) -> bool:
+        """Keep the cached image ``digest`` from GC until this pull ends: a lease, then its
+        image lock, shared (GC removes an image only under its exclusive lock, after checking
+        the leases). False when it is gone or being removed right now."""
+        cat = self.st.store.catalog
+        if self._base_lease is None:
+            self._base_lease = cat.create_lease("pull-base")
+        cat.lease_add(self._base_lease, "image", [digest])
+        try:
+            lock = self.st.store.image_lock(digest, shared=True)
+        except BusyError:
+            return False
+        if cat.get_image(digest) is None or not (path / "index.json").is_file():
+            lock.release()
+            return False
+        self._base_lock = lock
+        return True
 
     def _check_space(
         self,
@@ -322,6 +343,12 @@ class BargeDecoding:
         if not cancel.abandoned():  # a worker still running may write through them
             for w in self.writers.values():
                 w.close()
+        if self._base_lock is not None:
+            self._base_lock.release()
+            self._base_lock = None
+        if self._base_lease is not None:
+            self.st.store.catalog.release_lease(self._base_lease)
+            self._base_lease = None
 
     def _index_chunks(self) -> None:
         """Fill the chunk index so a push of a clone of this image uploads nothing."""

@@ -84,12 +84,11 @@ class LayoutEnd(_Reading):
         return Reuse.PRESENT if self.layout.has_blob(blob.digest) is not None else None
 
     def put_blob(self, blob: Descriptor, open_at: OpenAt, progress: Progress | None) -> None:
-        src = open_at(0)
-        try:
-            stream = cast(BinaryIO, Counting(src, progress)) if progress else src
-            self.layout.write_blob(blob.digest, blob.size, stream)
-        finally:
-            src.close()
+        def counted(offset: int) -> BinaryIO:
+            src = open_at(offset)
+            return cast(BinaryIO, Counting(src, progress)) if progress else src
+
+        self.layout.write_blob_at(blob.digest, blob.size, counted)  # resumes a killed write
 
     def put_manifest(self, data: bytes, media_type: str, tag: str | None) -> str:
         return self.layout.put_manifest(data, media_type, tag)
