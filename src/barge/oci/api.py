@@ -36,6 +36,7 @@ from typing import Any, Self
 import urllib3
 
 from barge.errors import LimitError
+from barge.oci import registries_conf
 from barge.oci.auth import Authenticator, CredentialStore, default_home
 from barge.oci.errors import (
     RegistryTimeout,
@@ -115,7 +116,8 @@ class RegistryAPI:
     """One OCI registry (``host[:port]``): transport, credentials, settings, the request
     loop and ``ping``. Thread-safe; pooled connections.
 
-    ``settings`` default to :func:`~barge.oci.settings.settings_for` the registry;
+    ``settings`` default to :func:`~barge.oci.settings.settings_for` the registry, with the
+    registry configuration file's host settings (:mod:`barge.oci.registries_conf`);
     ``insecure=True`` (``--insecure``) turns TLS verification off whatever they say."""
 
     def __init__(
@@ -133,7 +135,8 @@ class RegistryAPI:
         self.registry = host.name
         self.home = home if home is not None else default_home()
         self.debug = debug or os.environ.get("BARGE_DEBUG", "") not in ("", "0")
-        settings = settings if settings is not None else settings_for(host)
+        if settings is None:
+            settings = settings_for(host, hosts=registries_conf.load().hosts)
         if insecure and not settings.insecure:
             settings = settings.with_values({"insecure": True}, "--insecure")
         self.settings = settings

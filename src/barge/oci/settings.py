@@ -80,6 +80,7 @@ class HostSettings:
     upload_chunk: int = 0  # PATCH body size for uploads; 0: monolithic POST + PUT
     insecure: bool = False  # HTTPS without verification, falling back to plain HTTP
     ca_file: str | None = None  # a PEM bundle trusted for this host (besides certs.d)
+    concurrency: int = 0  # parallel blob transfers of a pull from this host; 0: the command's
 
     def __post_init__(self) -> None:
         for name in TIMINGS:
@@ -92,6 +93,8 @@ class HostSettings:
             raise UsageError("layer-limit must be at least 1")
         if self.upload_chunk < 0:
             raise UsageError("upload-chunk must be a number of bytes >= 0")
+        if not 0 <= self.concurrency <= 64:
+            raise UsageError("concurrency must be a whole number from 0 to 64")
 
     @property
     def upload_chunk_size(self) -> int | None:
@@ -302,5 +305,6 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "upload_chunk": _count,
     "insecure": _flag,
     "ca_file": _path,
+    "concurrency": _count,
 }
 assert set(_CONVERT) == {f.name for f in fields(HostSettings)}
