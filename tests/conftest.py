@@ -3,6 +3,7 @@ tests/faultproxy.py (the fault proxy); tests/seed.py puts images into a registry
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,12 @@ import pytest
 from hypothesis import settings
 
 pytest_plugins = ["registries", "faultproxy", "guests"]
+
+# No test reads this machine's /etc/containers/registries.conf or ~/.config/barge (a test
+# that wants a registry configuration points $BARGE_REGISTRIES_CONF at its own file). Set
+# here, so the barge processes tests start inherit it too.
+os.environ["BARGE_SYSTEM_REGISTRIES_CONF"] = ""
+os.environ["BARGE_REGISTRIES_CONF"] = ""
 
 # Tests never assert timings (performance is measured by `make bench`): hypothesis' per-example
 # deadline only turns a loaded machine into a flaky failure.

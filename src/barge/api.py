@@ -20,8 +20,10 @@ from typing import Any
 from barge import cache, local
 from barge import inspect as _inspect
 from barge.local import CloneResult
+from barge.oci import mirrors as _mirrors
+from barge.oci import registries_conf as _registries_conf
 from barge.progress import Reporter
-from barge.reference import parse_registry_host
+from barge.reference import parse, parse_registry_host
 from barge.store import VM, Store
 from barge.store.store import PruneResult
 from barge.transfer import clone as _clone
@@ -68,6 +70,8 @@ __all__ = [
     "push",
     "push_index",
     "raw_manifest",
+    "registry_config",
+    "registry_config_warnings",
     "rename",
     "set_vm",
     "tag",
@@ -237,9 +241,12 @@ class CloneOptions:
 
     force: bool = False
     """A running local VM too: paused for the copy (crash-consistent)."""
-    concurrency: int = 2
+    concurrency: int | None = None
+    """Parallel blob transfers of the pull (None: the host's configured concurrency, else 2)."""
     insecure: bool = False
     platform: str | None = None
+    mirrors: bool = True
+    """Read an image reference through its configured mirrors (False: ``--no-mirrors``)."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +280,9 @@ def clone(
         s,
         source,
         name,
-        PullOptions(concurrency=o.concurrency, insecure=o.insecure, platform=o.platform),
+        PullOptions(
+            concurrency=o.concurrency, insecure=o.insecure, platform=o.platform, mirrors=o.mirrors
+        ),
         reporter,
     )
     return Cloned(cloned, pulled)
@@ -429,6 +438,30 @@ def inspect(
 def raw_manifest(reference: str, *, insecure: bool = False, store: Store | None = None) -> bytes:
     """An image's manifest (or index) exactly as served."""
     return _inspect.raw_manifest(_store(store), reference, insecure=insecure)
+
+
+def registry_config(
+    reference: str,
+    *,
+    insecure: bool = False,
+    mirrors: bool = True,
+    store: Store | None = None,
+) -> dict[str, Any]:
+    """The registry configuration in effect for reading ``reference`` (``barge config
+    show``): the files read (containers-registries.conf(5) and barge's own), the
+    ``[[registry]]`` table chosen, each source in order (mirrors, then upstream) with its
+    host's TLS mode, CA file, timeouts, layer cap, upload chunk and concurrency, and whether
+    credentials are stored for that host (never the credentials). See docs/fleet.md."""
+    return _mirrors.effective(
+        parse(reference), home=_store(store).home, insecure=insecure, mirrors=mirrors
+    )
+
+
+def registry_config_warnings() -> list[str]:
+    """Read the registry configuration files (a bad one raises a UsageError naming the file,
+    the line and the key) and return their warnings: unknown keys, each with its file and
+    line."""
+    return list(_registries_conf.load().warnings)
 
 
 def list_tags(

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from barge import __version__, cancel
-from barge.commands import distribution, registry, transfer, vm
+from barge.commands import config, distribution, registry, transfer, vm
 from barge.commands import run as run_commands
 from barge.commands.common import echo
 from barge.errors import BargeError, ExitCode, Interrupted
@@ -78,7 +78,7 @@ def run() -> None:  # pragma: no cover - thin wrapper for `python -m barge`
     main(prog_name="barge")
 
 
-for _module in (distribution, registry, run_commands, transfer, vm):
+for _module in (config, distribution, registry, run_commands, transfer, vm):
     for _command in _module.commands.commands.values():
         main.add_command(_command)
 

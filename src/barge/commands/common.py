@@ -10,6 +10,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
+from barge import api
 from barge.oci.settings import ENV, FLAGS, HostSettings, set_flag
 from barge.untrusted import printable
 
@@ -19,8 +20,10 @@ __all__ = [
     "echo",
     "emit_json",
     "format_option",
+    "no_mirrors_option",
     "timeout_options",
     "warn",
+    "warn_config",
 ]
 
 
@@ -49,6 +52,22 @@ def echo(text: str, *, err: bool = False) -> None:
 def warn(message: str) -> None:
     """One informational line on stderr (never on stdout, which is for results)."""
     echo(f"barge: {message}", err=True)
+
+
+def warn_config(*, quiet: bool = False) -> None:
+    """Read the registry configuration now (a bad file is one usage error naming the file,
+    the line and the key) and print its warnings (unknown keys) on stderr."""
+    warnings = api.registry_config_warnings()
+    if not quiet:
+        for w in warnings:
+            warn(w)
+
+
+no_mirrors_option = click.option(
+    "--no-mirrors",
+    is_flag=True,
+    help="Read from the upstream location only (ignore the registries.conf mirrors).",
+)
 
 
 format_option = click.option(

@@ -6,7 +6,15 @@ import click
 
 from barge import api
 from barge.api import CopyOptions, ExportOptions, ImportOptions, VerifyOptions
-from barge.commands.common import collector, echo, emit_json, format_option, timeout_options
+from barge.commands.common import (
+    collector,
+    echo,
+    emit_json,
+    format_option,
+    no_mirrors_option,
+    timeout_options,
+    warn_config,
+)
 from barge.errors import ExitCode
 from barge.progress import ConsoleReporter
 from barge.units import format_size, parse_size
@@ -31,6 +39,7 @@ _quiet = click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("--deep", is_flag=True, help="With --verify: decode and check every chunk.")
 @_concurrency
 @_insecure
+@no_mirrors_option
 @_quiet
 @format_option
 @timeout_options
@@ -43,6 +52,7 @@ def copy(
     deep: bool,
     concurrency: int,
     insecure: bool,
+    no_mirrors: bool,
     quiet: bool,
     fmt: str,
 ) -> None:
@@ -54,9 +64,14 @@ def copy(
     mounted, not uploaded.
     """
     opts = CopyOptions(
-        concurrency=concurrency, insecure=insecure, platform=platform, all_tags=all_tags
+        concurrency=concurrency,
+        insecure=insecure,
+        platform=platform,
+        all_tags=all_tags,
+        mirrors=not no_mirrors,
     )
     check = VerifyOptions(deep=deep, remote=True, concurrency=concurrency, insecure=insecure)
+    warn_config(quiet=quiet or fmt == "json")
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
         res = api.copy(source, destination, opts, reporter=reporter)

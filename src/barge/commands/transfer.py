@@ -6,7 +6,15 @@ import click
 
 from barge import api
 from barge.api import PullOptions, PushOptions
-from barge.commands.common import collector, echo, emit_json, format_option, timeout_options
+from barge.commands.common import (
+    collector,
+    echo,
+    emit_json,
+    format_option,
+    no_mirrors_option,
+    timeout_options,
+    warn_config,
+)
 from barge.disk.codec import DEFAULT_CODEC
 from barge.errors import UsageError
 from barge.progress import ConsoleReporter
@@ -153,23 +161,41 @@ def push(
 
 @commands.command()
 @click.argument("reference")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Parallel blob transfers [default: the host's concurrency setting, else 2].",
+)
 @click.option(
     "--platform", help="OS/ARCH to pick from a multi-platform index (default: this host)."
 )
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS.")
+@no_mirrors_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @format_option
 @timeout_options
 def pull(
-    reference: str, concurrency: int, platform: str | None, insecure: bool, quiet: bool, fmt: str
+    reference: str,
+    concurrency: int | None,
+    platform: str | None,
+    insecure: bool,
+    no_mirrors: bool,
+    quiet: bool,
+    fmt: str,
 ) -> None:
     """Pull an image into the local cache (verified, sparse, fetching only what changed)."""
+    warn_config(quiet=quiet or fmt == "json")
     reporter = ConsoleReporter(quiet=quiet or fmt == "json")
     try:
         res = api.pull(
             reference,
-            PullOptions(concurrency=concurrency, insecure=insecure, platform=platform),
+            PullOptions(
+                concurrency=concurrency,
+                insecure=insecure,
+                platform=platform,
+                mirrors=not no_mirrors,
+            ),
             reporter=reporter,
         )
     finally:
@@ -177,8 +203,9 @@ def pull(
     if fmt == "json":
         emit_json(res.to_json())
         return
+    via = f" (manifest from {res.source})" if res.source else ""
     if res.up_to_date:
-        echo(f"{reference} is up to date ({res.digest})")
+        echo(f"{reference} is up to date ({res.digest}){via}")
         return
     s = res.stats
     if not quiet:
@@ -186,4 +213,4 @@ def pull(
             f"fetched {format_size(s.fetched_bytes)}, reused {format_size(s.reused_bytes)} from local data",
             err=True,
         )
-    echo(f"pulled {reference}@{res.digest}")
+    echo(f"pulled {reference}@{res.digest}{via}")

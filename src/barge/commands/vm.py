@@ -10,7 +10,16 @@ import click
 
 from barge import api
 from barge.api import CloneOptions, CreateOptions
-from barge.commands.common import collector, echo, emit_json, format_option, timeout_options, warn
+from barge.commands.common import (
+    collector,
+    echo,
+    emit_json,
+    format_option,
+    no_mirrors_option,
+    timeout_options,
+    warn,
+    warn_config,
+)
 from barge.progress import ConsoleReporter
 from barge.store import Store
 from barge.units import format_size, parse_size
@@ -230,6 +239,7 @@ def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
 @click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--platform", help="OS/ARCH to pick from a multi-platform index.")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS.")
+@no_mirrors_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option(
     "--force",
@@ -243,11 +253,19 @@ def clone(
     concurrency: int,
     platform: str | None,
     insecure: bool,
+    no_mirrors: bool,
     quiet: bool,
     force: bool,
 ) -> None:
     """Clone a local VM, or an image REFERENCE (pulled if needed), into a new local VM."""
-    opts = CloneOptions(force=force, concurrency=concurrency, insecure=insecure, platform=platform)
+    opts = CloneOptions(
+        force=force,
+        concurrency=concurrency,
+        insecure=insecure,
+        platform=platform,
+        mirrors=not no_mirrors,
+    )
+    warn_config(quiet=quiet)
     reporter = ConsoleReporter(quiet=quiet)
     try:
         res = api.clone(source, name, opts, reporter=reporter)

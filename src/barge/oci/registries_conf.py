@@ -155,15 +155,27 @@ class RegistryRule:
 
 @dataclass(frozen=True)
 class Source:
-    """One place a reference can be read from: a mirror or the upstream location."""
+    """One place a reference can be read from: a mirror or the upstream location.
+    ``name`` is the location as configured (the registry, for a reference without a table)."""
 
-    ref: Reference
     role: str  # "mirror" | "upstream"
+    name: str
     insecure: bool = False
+    rule: RegistryRule | None = None
+    mirror: Mirror | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.role} {self.ref.registry}/{self.ref.repository}"
+        return f"{self.role} {self.name}"
+
+    def at(self, ref: Reference) -> Reference:
+        """``ref`` (a logical name) as this source spells it."""
+        if self.rule is None:
+            return ref
+        return self.rule.rewrite(ref, self.mirror.location if self.mirror else self.rule.location)
+
+    def used_for(self, ref: Reference) -> bool:
+        return self.mirror is None or self.mirror.used_for(ref)
 
 
 @dataclass(frozen=True)
@@ -206,7 +218,7 @@ class RegistriesConf:
         ``mirrors``), then the upstream location. A blocked table raises UsageError."""
         rule = self.rule_for(ref)
         if rule is None:
-            return [Source(ref, "upstream")]
+            return [Source("upstream", ref.registry)]
         if rule.blocked:
             raise UsageError(
                 f"{ref} is blocked by the registry configuration ({rule.source}: "
@@ -216,8 +228,9 @@ class RegistriesConf:
         if mirrors:
             for m in rule.mirrors:
                 if m.used_for(ref):
-                    out.append(Source(rule.rewrite(ref, m.location), "mirror", m.insecure))
-        out.append(Source(rule.rewrite(ref, rule.location), "upstream", rule.insecure))
+                    out.append(Source("mirror", m.location, m.insecure, rule, m))
+        upstream = rule.location or ref.registry
+        out.append(Source("upstream", upstream, rule.insecure, rule))
         return out
 
 

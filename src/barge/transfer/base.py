@@ -41,6 +41,9 @@ class EndBase:
     def seen(self, digests: list[str]) -> None:
         pass
 
+    def reject_blob(self, digest: str, error: BaseException) -> bool:
+        return False
+
     def begin(self, manifest: Manifest, source: End) -> bool:
         return False
 

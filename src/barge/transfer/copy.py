@@ -50,6 +50,9 @@ class CopyOptions:
     """``OS/ARCH``: copy only this platform's image of an index (default: the whole index)."""
     all_tags: bool = False
     """Copy every tag of the source repository."""
+    mirrors: bool = True
+    """Read a registry source through its configured mirrors (False: ``--no-mirrors``); the
+    destination is always written as named."""
 
 
 @dataclass
@@ -131,7 +134,7 @@ class _Copy:
         self.opts = opts
         self.reporter = reporter or NullReporter()
         self.notes: list[str] = []
-        self.ends = Ends(store, insecure=opts.insecure, note=self.note)
+        self.ends = Ends(store, insecure=opts.insecure, note=self.note, mirrors=opts.mirrors)
         self.walk: ImageCopy | None = None
         self.dst: Opened | None = None
 

@@ -87,6 +87,12 @@ class End(Protocol):
         later mounts come from here)."""
         ...
 
+    def reject_blob(self, digest: str, error: BaseException) -> bool:
+        """The blob ``digest`` just read from here failed a check (``error``). True: this end
+        has another source for it (a registry read through mirrors), which the next
+        :meth:`open_blob` of it uses; False: the error stands."""
+        ...
+
     # -- as a destination ------------------------------------------------------------------
     def begin(self, manifest: Manifest, source: End) -> bool:
         """An image manifest is about to be copied here from ``source`` (its blobs follow,

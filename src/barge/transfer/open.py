@@ -179,8 +179,13 @@ class Ends:
         note: Callable[[str], None] | None = None,
         upload_chunk_size: int | None = None,
         host_upload_defaults: bool = False,
+        mirrors: bool | None = None,
     ) -> None:
         self.store = store
+        #: a registry source is read per the registry configuration (its ``location`` and
+        #: ``blocked``), through its mirrors when True (pull, clone, copy; False:
+        #: ``--no-mirrors``); None: as named, with no configuration (inspect, tag, verify)
+        self.mirrors = mirrors
         self.clients = Clients(store, insecure=insecure)
         self.note = note or (lambda _m: None)
         self.upload_chunk_size = upload_chunk_size
@@ -279,7 +284,11 @@ class Ends:
             raise NotFoundError(f"no OCI layout at {ref.path}")
         if not ref.is_layout:
             chunk = self.upload_chunk_size
-            end = RegistryEnd(self.store, self.clients.get(ref.registry), ref)
+            if role == "source" and self.mirrors is not None:  # registries.conf: mirrors
+                client = self.clients.source(ref, mirrors=self.mirrors, note=self.note)
+                end = RegistryEnd(self.store, client, ref)
+            else:
+                end = RegistryEnd(self.store, self.clients.get(ref.registry), ref)
             if role == "destination" and chunk is None and self.host_upload_defaults:
                 chunk = end.host_upload_chunk_size
             end.upload_chunk_size = chunk

@@ -260,7 +260,13 @@ class ImageCopy:
             def open_at(off: int) -> BinaryIO:
                 return src.open_blob(d.digest, off)
 
-            self.sender.send(d, open_at, [self.dst])
+            while True:  # a blob that fails a check is read again from another source
+                try:
+                    self.sender.send(d, open_at, [self.dst])
+                    break
+                except IntegrityError as e:
+                    if not src.reject_blob(d.digest, e):
+                        raise
         if task is not None:
             task.advance(d.size)
         if done:

@@ -21,20 +21,27 @@ from barge.transfer.decode import PullStats
 from barge.transfer.end import End
 from barge.transfer.open import Ends, Verb
 from barge.transfer.pipeline import ImageCopy, Sender
+from barge.transfer.registry import RegistryEnd
 
 __all__ = ["PullOptions", "PullResult", "PullStats", "pull", "pull_from"]
+
+#: layers fetched and decoded at once when neither the command nor the host's settings say
+DEFAULT_CONCURRENCY = 2
 
 
 @dataclass
 class PullOptions:
     """Options of :func:`pull` (and of clone and import, which pull first)."""
 
-    concurrency: int = 2
-    """Layers fetched and decoded at once."""
+    concurrency: int | None = None
+    """Layers fetched and decoded at once (None: the registry host's configured
+    ``concurrency``, else 2)."""
     insecure: bool = False
     """Allow plain HTTP and unverified TLS."""
     platform: str | None = None
     """``OS/ARCH`` to pick from a multi-platform index (default: this host's)."""
+    mirrors: bool = True
+    """Read a registry image through its configured mirrors (False: ``--no-mirrors``)."""
 
 
 @dataclass
@@ -50,6 +57,9 @@ class PullResult:
     stats: PullStats = field(default_factory=PullStats)
     base: str | None = None
     notes: list[str] = field(default_factory=list)
+    source: str | None = None
+    """Which source answered the manifest (``mirror HOST[/NS]`` or ``upstream HOST``) when
+    the registry configuration has a table for the reference; else None."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +74,7 @@ class PullResult:
             "wholeLayers": self.stats.whole_layers,
             "base": self.base,
             "notes": self.notes,
+            "source": self.source,
         }
 
 
@@ -88,10 +99,10 @@ def pull(
         notes.append(msg)
         rep.note(msg)
 
-    with Ends(store, insecure=opts.insecure, note=note) as ends:
+    with Ends(store, insecure=opts.insecure, note=note, mirrors=opts.mirrors) as ends:
         src = ends.open(text, "source", verb)
         manifest = src.manifest(opts.platform, one_image=True)
-        return pull_from(
+        result = pull_from(
             store,
             src.end,
             manifest,
@@ -103,6 +114,9 @@ def pull(
             hold=hold,
             then_clone=then_clone,
         )
+        if isinstance(src.end, RegistryEnd):
+            result.source = src.end.answered
+        return result
 
 
 def pull_from(
@@ -125,18 +139,21 @@ def pull_from(
         notes.append(msg)
         reporter.note(msg)
 
+    workers = opts.concurrency or DEFAULT_CONCURRENCY
+    if opts.concurrency is None and isinstance(source, RegistryEnd):
+        workers = source.client.settings.concurrency or DEFAULT_CONCURRENCY
     cache = CacheEnd(
         store,
         key,
         text,
         reporter=reporter,
         note=note,
-        concurrency=opts.concurrency,
+        concurrency=workers,
         hold=hold,
         then_clone=then_clone,
     )
     try:
-        walk = ImageCopy(source, cache, Sender(source), reporter, concurrency=opts.concurrency)
+        walk = ImageCopy(source, cache, Sender(source), reporter, concurrency=workers)
         walk.copy(manifest, None)
     except Exception as e:
         cache.failed(e)

@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from barge.oci.auth import CredentialStore
 from barge.oci.client import RegistryClient, labelled
+from barge.oci.mirrors import MirroredClient, source_client
 from barge.oci.types import Descriptor, Manifest, sha256_digest
 from barge.reference import Reference
 from barge.store import Store
@@ -43,6 +44,7 @@ class Clients:
         self.store = store
         self.insecure = insecure
         self._clients: dict[str, RegistryClient] = {}
+        self._sources: list[RegistryClient | MirroredClient] = []
 
     def get(self, registry: str) -> RegistryClient:
         if registry not in self._clients:
@@ -51,7 +53,21 @@ class Clients:
             )
         return self._clients[registry]
 
+    def source(
+        self, ref: Reference, *, mirrors: bool, note: Callable[[str], None]
+    ) -> RegistryClient | MirroredClient:
+        """The client to read ``ref`` with, through the registry configuration's mirrors
+        (``mirrors=False``: ``--no-mirrors``); its own, closed with the others."""
+        client = source_client(
+            ref, insecure=self.insecure, home=self.store.home, mirrors=mirrors, note=note
+        )
+        self._sources.append(client)
+        return client
+
     def close(self) -> None:
+        for s in self._sources:
+            s.close()
+        self._sources.clear()
         for c in self._clients.values():
             c.close()
         self._clients.clear()
@@ -65,7 +81,7 @@ class RegistryEnd(EndBase):
     def __init__(
         self,
         store: Store,
-        client: RegistryClient,
+        client: RegistryClient | MirroredClient,
         ref: Reference,
         *,
         upload_chunk_size: int | None = None,
@@ -103,6 +119,18 @@ class RegistryEnd(EndBase):
     def seen(self, digests: list[str]) -> None:
         """Record that this repository holds ``digests`` (later mounts come from here)."""
         self.store.catalog.add_blob_locations(digests, self.host, self.repo)
+
+    def reject_blob(self, digest: str, error: BaseException) -> bool:
+        if isinstance(self.client, MirroredClient):
+            return self.client.reject_blob(digest, error)
+        return False
+
+    @property
+    def answered(self) -> str | None:
+        """Which source answered the first manifest (read through mirrors), else None."""
+        if isinstance(self.client, MirroredClient) and self.client.answered is not None:
+            return self.client.answered.label
+        return None
 
     # -- as a destination ------------------------------------------------------------------
     def try_reusing_blob(self, blob: Descriptor, source: End | None) -> Reuse | None:
