@@ -16,8 +16,8 @@ Choosing a ``[[registry]]`` table (podman's rule): the reference, spelled
 ``host[:port]/repository[:tag|@digest]``, must start with the ``prefix`` and continue at a
 separator (``/``, ``:``, ``@``) or end there; among matching tables the longest prefix wins.
 A wildcard prefix ``*.example.com`` matches any subdomain of ``example.com`` (not
-``example.com`` itself) and carries no ``location`` (no rewrite); a plain prefix beats a
-wildcard one. ``location`` replaces the prefix in the reference; the mirrors' locations do
+``example.com`` itself) and carries no ``location`` (the upstream is the reference as
+named; a mirror's location replaces the matched host); a plain prefix beats a wildcard one. ``location`` replaces the prefix in the reference; the mirrors' locations do
 the same, and are tried in order before it.
 
 barge's own keys live in a separate table, which podman and skopeo do not read::
@@ -142,9 +142,11 @@ class RegistryRule:
 
     def rewrite(self, ref: Reference, location: str) -> Reference:
         """``ref`` with this table's prefix replaced by ``location``."""
-        if self.wildcard or not location:
+        if not location:
             return ref
-        rest = _spelling(ref)[len(self.prefix) :]
+        # a wildcard matched the host: the host is what a mirror's location replaces
+        covered = len(ref.registry) if self.wildcard else len(self.prefix)
+        rest = _spelling(ref)[covered:]
         try:
             return parse(location + rest)
         except ReferenceError as e:
@@ -353,6 +355,8 @@ def _rule(
         if key not in _REGISTRY_KEYS:
             warnings.append(f"{at(key)}: unknown key {key!r} in [[registry]] ignored")
     location = _text(table, "location", at)
+    if location:
+        location = _check_location(location, at("location"), "location")
     prefix = _text(table, "prefix", at) or location
     if not prefix:
         raise UsageError(f"{name}:{line}: a [[registry]] table needs a prefix or a location")
@@ -419,7 +423,10 @@ def _barge_table(raw: Any, name: str, lines: _Lines, warnings: list[str]) -> Hos
     sources: dict[str, str] = {}
     for key, sub in raw.items():
         if key != "hosts":
-            warnings.append(f"{name}:{lines.key(key)}: unknown key {key!r} in [barge] ignored")
+            line = lines.key(key, after=lines.header_containing("barge"))
+            if isinstance(sub, dict):
+                line = lines.header_containing(f"barge.{key}")
+            warnings.append(f"{name}:{line}: unknown key {key!r} in [barge] ignored")
             continue
         if not isinstance(sub, dict):
             raise UsageError(f"{name}:{lines.key('hosts')}: [barge.hosts] must be a table")
