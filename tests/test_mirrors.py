@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from barge.errors import ExitCode
 from barge.oci.auth import CredentialStore
-from barge.pull import PullOptions, pull
-from barge.push import PushOptions, push
 from barge.store import Store
+from barge.transfer.pull import PullOptions, pull
+from barge.transfer.push import PushOptions, push
 from clitest import barge, sha256_file
 from faultproxy import FaultProxy
 from localvms import make_vm
