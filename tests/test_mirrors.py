@@ -57,6 +57,16 @@ def site_mirror(tmp_path: Path) -> Iterator[RunningRegistry]:
     reg.stop()
 
 
+@pytest.fixture
+def filled(
+    image: tuple[str, Path], site_mirror: RunningRegistry, make_proxy: MakeProxy
+) -> tuple[str, Path, FaultProxy]:
+    """The image copied into the site mirror, and a FaultProxy in front of the mirror."""
+    ref, disk = image
+    fill(ref, site_mirror)
+    return ref, disk, make_proxy(site_mirror)
+
+
 def mirror_conf(upstream: str, mirror: str, *, retry: float = 2, extra: str = "") -> str:
     return (
         f'[[registry]]\nprefix = "{upstream}"\n{extra}'
@@ -124,16 +134,12 @@ def test_pull_through_cache_is_bit_identical_and_the_upstream_serves_each_blob_o
 
 
 def test_mirror_going_down_mid_pull_falls_back_to_upstream(
-    image: tuple[str, Path],
+    filled: tuple[str, Path, FaultProxy],
     registry: RunningRegistry,
-    site_mirror: RunningRegistry,
     tmp_path: Path,
-    make_proxy: MakeProxy,
     use_conf: Callable[[str], Path],
 ) -> None:
-    ref, disk = image
-    fill(ref, site_mirror)
-    front = make_proxy(site_mirror)
+    ref, disk, front = filled
     # the first blob is cut part-way, and from then on the mirror is gone
     front.add(method="GET", path=BLOBS, action="truncate", keep=300_000, times=1)
     front.add(method="*", path=".*", action="reset", skip=1, times=None)
@@ -231,16 +237,12 @@ def test_all_sources_down_is_one_error_naming_each(
 
 
 def test_tags_per_pull_from_mirror_no_mirrors_blocked_and_pushes_upstream(
-    image: tuple[str, Path],
+    filled: tuple[str, Path, FaultProxy],
     registry: RunningRegistry,
-    site_mirror: RunningRegistry,
     tmp_path: Path,
-    make_proxy: MakeProxy,
     use_conf: Callable[[str], Path],
 ) -> None:
-    ref, disk = image
-    fill(ref, site_mirror)
-    front = make_proxy(site_mirror)
+    ref, disk, front = filled
     use_conf(
         f'[[registry]]\nprefix = "{registry.host}"\n'
         f'[[registry.mirror]]\nlocation = "{front.host}"\npull-from-mirror = "digest-only"\n'

@@ -49,7 +49,7 @@ import os
 import re
 import threading
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,18 +342,33 @@ def parse_text(text: str, name: str) -> tuple[list[RegistryRule], HostSettingsFi
     return rules, _barge_table(doc.get("barge", {}), name, lines, warnings), warnings
 
 
-def _rule(
-    table: Any, name: str, line: int, lines: _Lines, index: int, warnings: list[str]
-) -> RegistryRule:
+def _table(
+    table: Any,
+    header: str,
+    known: set[str],
+    name: str,
+    line: int,
+    lines: _Lines,
+    warnings: list[str],
+) -> Callable[[str], str]:
+    """Check that ``table`` (the ``[[header]]`` at ``line``) is a table and warn about its
+    unknown keys; returns ``at(key)``: "file:line" of a key in it."""
     if not isinstance(table, dict):
-        raise UsageError(f"{name}:{line}: a [[registry]] entry must be a table")
+        raise UsageError(f"{name}:{line}: a [[{header}]] entry must be a table")
 
     def at(key: str) -> str:
         return f"{name}:{lines.key(key, after=line)}"
 
     for key in table:
-        if key not in _REGISTRY_KEYS:
-            warnings.append(f"{at(key)}: unknown key {key!r} in [[registry]] ignored")
+        if key not in known:
+            warnings.append(f"{at(key)}: unknown key {key!r} in [[{header}]] ignored")
+    return at
+
+
+def _rule(
+    table: Any, name: str, line: int, lines: _Lines, index: int, warnings: list[str]
+) -> RegistryRule:
+    at = _table(table, "registry", _REGISTRY_KEYS, name, line, lines, warnings)
     location = _text(table, "location", at)
     if location:
         location = _check_location(location, at("location"), "location")
@@ -392,15 +407,7 @@ def _rule(
 def _mirror(
     m: Any, name: str, line: int, lines: _Lines, by_digest: bool, warnings: list[str]
 ) -> Mirror:
-    if not isinstance(m, dict):
-        raise UsageError(f"{name}:{line}: a [[registry.mirror]] entry must be a table")
-
-    def at(key: str) -> str:
-        return f"{name}:{lines.key(key, after=line)}"
-
-    for key in m:
-        if key not in _MIRROR_KEYS:
-            warnings.append(f"{at(key)}: unknown key {key!r} in [[registry.mirror]] ignored")
+    at = _table(m, "registry.mirror", _MIRROR_KEYS, name, line, lines, warnings)
     location = _text(m, "location", at)
     if not location:
         raise UsageError(f"{name}:{line}: a [[registry.mirror]] table needs a location")
