@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fleet  # noqa: E402
 import limits  # noqa: E402
 import refdisk  # noqa: E402
 from common import (  # noqa: E402
@@ -377,6 +378,34 @@ class Bench:
                  s.seconds / ss.seconds, "< 1 s", s.seconds < 1.0)  # fmt: skip
         self.res["copy"] = out
 
+    def fleet(self, reg: Registry) -> None:
+        """N hosts pulling at once through one pull-through mirror, and without it."""
+        out = fleet.measure(self.ref_v1, reg, self.work)
+        self.res["fleet"] = out
+        n, img = out["hosts"], self.image_bytes
+        for name in ("mirror", "warmed", "direct"):
+            if out[name]["failures"]:
+                raise RuntimeError(f"fleet {name}: {out[name]['failures'][0]}")
+        direct = out["direct"]
+        direct_x = direct["upstream_bytes"] / img
+        for name, what in (("mirror", "all at once"), ("warmed", "one first, then the rest")):
+            run = out[name]
+            served = run["upstream_bytes"] / img
+            self.row(
+                f"fleet {n} hosts via mirror ({what}): upstream bytes / image",
+                f"{served:.2f}x ({fmt_bytes(run['upstream_bytes'])})",
+                f"{direct_x:.2f}x without mirror",
+                round(served / max(direct_x, 1e-9), 3),
+                "<= 1.05x",
+                served <= 1.05,
+            )
+            self.row(
+                f"fleet {n} hosts via mirror ({what}): wall time s",
+                f"{run['seconds']:.1f} ({fmt_bytes(run['mirror_bytes'])} from the mirror)",
+                f"{direct['seconds']:.1f} direct",
+                round(run["seconds"] / max(direct["seconds"], 1e-9), 2),
+            )
+
     # -- driver --------------------------------------------------------------------------
     def run(self) -> int:
         load = os.getloadavg()[0]
@@ -393,6 +422,8 @@ class Bench:
                     self.stage("pull", lambda: self.pull(reg))
                 if "copy" in self.stages:
                     self.stage("copy", lambda: self.copy(reg))
+                if "fleet" in self.stages:
+                    self.stage("fleet", lambda: self.fleet(reg))
         self.res["machine"]["loadavg_end"] = os.getloadavg()
         self.res["rows"] = [r.__dict__ for r in self.rows]
         self.print_table()
@@ -448,7 +479,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="1 GiB disk / ~256 MiB data (quick)")
     ap.add_argument("--skip-limits", action="store_true", help="skip the machine limits")
-    ap.add_argument("--only", default="push,pull,copy", help="stages after push (comma list)")
+    ap.add_argument("--only", default="push,pull,copy,fleet", help="stages after push (comma list)")
     args = ap.parse_args()
     stages = set(args.only.split(","))
     if not args.skip_limits:
