@@ -327,3 +327,25 @@ def test_generated_mirror_faults_give_a_fresh_pulls_bytes(
     res = pull(Store(home), ref)
     assert sha256_file(res.path / "disk.img") == sha256_file(disk)
     front.stop()
+
+
+def test_a_mirror_whose_tag_lags_answers_with_its_own_image_and_says_so(
+    filled: tuple[str, Path, FaultProxy],
+    registry: RunningRegistry,
+    tmp_path: Path,
+    use_conf: Callable[[str], Path],
+) -> None:
+    ref, disk, front = filled  # the mirror holds v1 as it was
+    store = Store()
+    newer = make_vm(store, tmp_path, name="newer", seed=7)
+    push(store, "newer", [ref], SMALL)  # the upstream's v1 moves on
+    use_conf(mirror_conf(registry.host, front.host))
+    via_mirror = json.loads(barge("pull", "--format", "json", ref))
+    assert via_mirror["source"] == f"mirror {front.host}"
+    assert sha256_file(Store().image_path(via_mirror["digest"]) / "disk.img") == sha256_file(disk)
+    upstream = json.loads(barge("pull", "--no-mirrors", "--format", "json", ref))
+    assert upstream["source"] == f"upstream {registry.host}"
+    assert upstream["digest"] != via_mirror["digest"]
+    assert sha256_file(Store().image_path(upstream["digest"]) / "disk.img") == sha256_file(newer)
+    text = barge("pull", ref)
+    assert f"(manifest from mirror {front.host})" in text
