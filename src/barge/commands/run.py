@@ -12,7 +12,7 @@ import click
 
 from barge.commands.common import collector, echo, emit_json, format_option, warn
 from barge.store import Store
-from barge.units import parse_size
+from barge.units import parse_memory
 from barge.vm import access, net, runner
 
 commands = collector()
@@ -21,14 +21,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    return None if value is None else parse_size(value, what="--memory")
+    return None if value is None else parse_memory(value)
 
 
 @commands.command()
 @click.argument("name")
 @click.option("-d", "--detach", is_flag=True, help="Return once QEMU is up; the VM keeps running.")
-@click.option("--cpus", type=click.IntRange(min=1), help="CPUs for this run (default: the VM's).")
-@click.option("--memory", callback=_memory, help="Memory for this run, e.g. 2G.")
+@click.option(
+    "--cpus", "--cpu", type=click.IntRange(min=1), help="CPUs for this run (default: the VM's)."
+)
+@click.option(
+    "--memory",
+    callback=_memory,
+    help="Memory for this run, e.g. 2G; a bare number is MiB (as Tart and Vetu).",
+)
 @click.option(
     "--serial", is_flag=True, help="The serial console on this terminal (keys go to the guest)."
 )

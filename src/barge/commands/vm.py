@@ -22,16 +22,22 @@ from barge.commands.common import (
 )
 from barge.progress import ConsoleReporter
 from barge.store import Store
-from barge.units import format_size, parse_size
+from barge.units import format_size, parse_disk_size, parse_memory, parse_size
 from barge.untrusted import printable
 
 commands = collector()
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    return parse_size(value, what=f"--{param.name.replace('_', '-') if param.name else 'size'}")
+def _disk_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else parse_disk_size(value)
+
+
+def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else parse_memory(value)
+
+
+DISK_SIZE_HELP = "a bare number is GB (20 = 20 GB, as Tart and Vetu); 20G is 20 GiB, 512M 512 MiB"
+MEMORY_HELP = "a bare number is MiB (4096 = 4 GiB, as Tart and Vetu); or 4G, 512M"
 
 
 def _ago(seconds: float) -> str:
@@ -90,14 +96,18 @@ def _state_text(info: dict[str, Any]) -> str:
 
 @commands.command()
 @click.argument("name")
-@click.option("--disk-size", callback=_size, help="Disk size, e.g. 20G (grows an imported disk).")
+@click.option(
+    "--disk-size",
+    callback=_disk_size,
+    help=f"Disk size (grows an imported disk): {DISK_SIZE_HELP}.",
+)
 @click.option(
     "--from-disk",
     type=click.Path(path_type=Path),
     help="Import an existing raw or qcow2 image (kept sparse).",
 )
-@click.option("--cpus", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--memory", callback=_size, default="4G", show_default=True)
+@click.option("--cpus", "--cpu", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--memory", callback=_memory, default="4G", show_default=True, help=MEMORY_HELP)
 @click.option("--os", "os_name", default="linux", show_default=True, help="linux, darwin, windows")
 @click.option("--arch", default="x86_64", show_default=True, help="x86_64 or aarch64")
 @click.option(
@@ -166,11 +176,14 @@ def get_cmd(name: str, fmt: str) -> None:
 
 @commands.command(name="set")
 @click.argument("name")
-@click.option("--cpus", type=click.IntRange(min=1))
-@click.option("--memory", callback=_size)
-@click.option("--disk-size", callback=_size, help="New disk size; disks only grow.")
+@click.option("--cpus", "--cpu", type=click.IntRange(min=1), help="CPUs (--cpu as in Vetu).")
+@click.option("--memory", callback=_memory, help=f"Memory: {MEMORY_HELP}.")
+@click.option(
+    "--disk-size", callback=_disk_size, help=f"New disk size, disks only grow: {DISK_SIZE_HELP}."
+)
 def set_cmd(name: str, cpus: int | None, memory: int | None, disk_size: int | None) -> None:
-    """Change a VM's CPUs, memory or disk size."""
+    """Change a VM's CPUs, memory or disk size (the forms Tart and Vetu take work too:
+    `barge set --cpu 4 --memory 4096 --disk-size 20 NAME`)."""
     if cpus is None and memory is None and disk_size is None:
         raise click.UsageError("nothing to change: give --cpus, --memory or --disk-size")
     api.set_vm(name, cpus=cpus, memory=memory, disk_size=disk_size)
