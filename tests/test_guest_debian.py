@@ -1,6 +1,7 @@
-"""The full Debian guest (scripts/build-guest.py debian) booted with plain QEMU under TCG, by
-direct kernel boot and through OVMF, both at once: cloud-init reads a NoCloud seed, makes the
-user `debian` with passwordless sudo, and sshd answers with the seed's key.
+"""The full Debian guest (scripts/build-guest.py debian) run by barge itself under TCG, by
+direct kernel boot and through OVMF, both at once: `barge create --from-disk`, `barge run
+--detach`, cloud-init reads barge's NoCloud seed, makes the user `debian` with passwordless
+sudo and barge's store key, `barge exec` runs commands as `debian`, `barge stop` powers off.
 
 Marked `debian_guest` (deselect with `-m "not debian_guest"` for quick runs). It skips, with
 the reason, only when the guest is still booting at the bound (TCG is slow; 50-95 s to sshd is
@@ -8,40 +9,26 @@ normal); a guest that panics, drops to an emergency shell or powers off fails.""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from guests import (
-    OVMF_CODE,
-    OVMF_VARS,
-    Guest,
-    Qemu,
-    kernel_boot_args,
-    make_seed,
-    run_builder,
-    ssh_keypair,
-    uefi_args,
-)
+from guests import OVMF_CODE, OVMF_VARS, Guest, run_builder
 
 pytestmark = [pytest.mark.debian_guest, pytest.mark.timeout(1800)]
 
 SSH_BOUND = float(os.environ.get("BARGE_DEBIAN_BOOT_BOUND", "420"))
+BARGE = str(Path(sys.executable).parent / "barge")
 FATAL = ("Kernel panic", "emergency mode", "Cannot open access to console", "ALERT! ")
-
-
-def overlay(guest: Guest, path: Path) -> Path:
-    """A qcow2 overlay over the cached disk: the cache stays pristine, nothing is copied."""
-    assert guest.disk is not None
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(guest.disk), str(path)],
-        check=True,
-    )
-    return path
 
 
 def test_debian_guest_files(debian_guest: Guest) -> None:
@@ -74,72 +61,116 @@ def test_debian_guest_files(debian_guest: Guest) -> None:
         assert pkg in (g.dir / "packages.json").read_text()
 
 
-def wait_ssh_or_skip(vm: Qemu, key: Path, what: str) -> float:
-    try:
-        return vm.wait_ssh(key, "debian", SSH_BOUND)
-    except AssertionError:
-        serial = vm.serial_text()
-        if vm.proc is not None and vm.proc.poll() is None and not any(f in serial for f in FATAL):
-            pytest.skip(
-                f"{what}: still booting after {SSH_BOUND:.0f} s under TCG (bound "
-                f"BARGE_DEBIAN_BOOT_BOUND), having had {vm.cpu_seconds():.0f} CPU s (host load "
-                f"{os.getloadavg()[0]:.1f}); serial log tail:\n{vm.tail(8)}"
-            )
-        raise
+def cpu_seconds(pid: int) -> float:
+    """CPU time QEMU has used so far (user + system): what a boot costs on an idle host."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_debian_guest_boots_by_kernel_and_through_ovmf(debian_guest: Guest, tmp_path: Path) -> None:
+def barge_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BARGE, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def run_info(name: str) -> dict[str, Any]:
+    r = barge_cli("get", name, "--format", "json")
+    assert r.returncode == 0, r
+    doc: dict[str, Any] = json.loads(r.stdout)
+    return doc
+
+
+def wait_ssh_or_skip(name: str, home: Path, started: float) -> float:
+    """``barge ip --wait`` up to the bound; a guest still booting then (no panic, no emergency
+    shell, QEMU alive) skips with the reason, anything else fails."""
+    left = max(1.0, SSH_BOUND - (time.monotonic() - started))
+    r = barge_cli("ip", name, "--wait", f"{left:.0f}", timeout=left + 60)
+    if r.returncode == 0:
+        return time.monotonic() - started
+    serial = (home / "vms" / name / ".run" / "serial.log").read_text(errors="replace")
+    run = run_info(name).get("run") or {}
+    if run.get("running") and not any(f in serial for f in FATAL):
+        pytest.skip(
+            f"{name}: still booting after {SSH_BOUND:.0f} s under TCG (bound "
+            f"BARGE_DEBIAN_BOOT_BOUND), having had {cpu_seconds(run['pid']):.0f} CPU s (host "
+            f"load {os.getloadavg()[0]:.1f}); serial log tail:\n"
+            + "\n".join(serial.splitlines()[-8:])
+        )
+    raise AssertionError(f"{name} did not answer SSH: {r.stderr}")
+
+
+def test_debian_guest_through_barge_by_kernel_and_uefi(
+    debian_guest: Guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`barge create --from-disk` (UEFI, its own NVRAM) and a kernel-booted VM of the same
+    disk, `barge run --detach` both at once, `barge exec` as `debian` (cloud-init from barge's
+    seed and store key), `barge stop` both at once."""
     assert OVMF_CODE.exists() and OVMF_VARS.exists(), "apt package ovmf"
-    key = ssh_keypair(tmp_path)
-    pub = Path(f"{key}.pub").read_text().strip()
-    vms: dict[str, Qemu] = {}
-    for way in ("kernel", "uefi"):
-        d = tmp_path / way
-        d.mkdir()
-        seed = make_seed(d / "seed.iso", keys=[pub], hostname=f"deb-{way}", user="debian")
-        disk = overlay(debian_guest, d / "disk.qcow2")
-        drives = [
-            "-drive",
-            f"file={disk},if=virtio,format=qcow2,discard=unmap",
-            "-drive",
-            f"file={seed},media=cdrom,readonly=on",
-        ]
-        boot = kernel_boot_args(debian_guest) if way == "kernel" else uefi_args(d)
-        vms[way] = Qemu(d, [*boot, *drives], memory=1024)
+    g = debian_guest
+    assert g.disk is not None
+    home = tmp_path / "home"
+    monkeypatch.setenv("BARGE_HOME", str(home))
+    monkeypatch.delenv("BARGE_ACCEL", raising=False)
+    common = ["--from-disk", str(g.disk), "--user", "debian", "--memory", "1024", "--cpus", "1"]
+    kernel = getattr(g, "kernel_pvh", None) or g.kernel
+    initrd = ["--initramfs", str(g.initramfs)] if g.initramfs else []
+    creates = {
+        "deb-uefi": ["--boot", "uefi"],
+        "deb-kernel": ["--kernel", str(kernel), *initrd, "--cmdline", g.cmdline],
+    }
+    for name, args in creates.items():
+        r = barge_cli("create", name, *common, *args)
+        assert r.returncode == 0, r
+    assert run_info("deb-uefi")["boot"] == "uefi" and run_info("deb-kernel")["boot"] == "kernel"
+    times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     try:
-        # both at once: TCG runs each guest on one host thread
-        for vm in vms.values():
-            vm.start()
-        times, cpu = {}, {}
-        for way, vm in vms.items():
-            times[way] = wait_ssh_or_skip(vm, key, f"{way} boot")
-            cpu[way] = vm.cpu_seconds()
-            r = vm.ssh(key, "debian", "hostname; id -un; sudo -n id -u; cat /proc/cmdline")
+        t0 = time.monotonic()
+        for name in creates:  # both at once: TCG runs each guest on one host thread
+            r = barge_cli("run", name, "--detach")
+            assert r.returncode == 0, r
+        for name in creates:
+            times[name] = wait_ssh_or_skip(name, home, t0)
+            cpu[name] = cpu_seconds(run_info(name)["run"]["pid"])
+            r = barge_cli(
+                "exec", name, "sh", "-c", "hostname; id -un; sudo -n id -u; cat /proc/cmdline"
+            )
             assert r.returncode == 0, r
             lines = r.stdout.splitlines()
-            assert lines[:3] == [f"deb-{way}", "debian", "0"], r.stdout
-            if way == "kernel":
-                assert lines[3] == debian_guest.cmdline
+            assert lines[:3] == [name, "debian", "0"], r.stdout
+            if name == "deb-kernel":
+                assert lines[3] == g.cmdline
             else:  # through systemd-boot's entry, from the ESP
                 assert "root=UUID=" in lines[3] and "initrd=" in lines[3], lines[3]
-        r = vms["uefi"].ssh(key, "debian", "test -d /sys/firmware/efi && echo efi")
-        assert r.stdout.strip() == "efi", r
-        stops = {}
-        t0 = time.monotonic()
-        for vm in vms.values():  # both at once
-            vm.qmp("system_powerdown")
-        for way, vm in vms.items():
-            assert vm.wait_exit(90) == 0
-            stops[way] = time.monotonic() - t0
-        assert (tmp_path / "uefi" / "OVMF_VARS.fd").stat().st_size == OVMF_VARS.stat().st_size
+        r = barge_cli("exec", "deb-uefi", "test", "-d", "/sys/firmware/efi")
+        assert r.returncode == 0, r
+        r = barge_cli("exec", "deb-kernel", "sh", "-c", "exit 7")
+        assert r.returncode == 7, r
+        nvram = home / "vms" / "deb-uefi" / run_info("deb-uefi")["nvram"]
+        assert nvram.stat().st_size == OVMF_VARS.stat().st_size
+        t1 = time.monotonic()
+        stops = {
+            n: subprocess.Popen(
+                [BARGE, "stop", n, "--timeout", "120"], stdout=subprocess.PIPE, text=True
+            )
+            for n in creates
+        }
+        stop_s = {}
+        for name, proc in stops.items():  # both at once
+            out, _ = proc.communicate(timeout=180)
+            assert proc.returncode == 0 and out.startswith(f"stopped {name} (powered off"), out
+            stop_s[name] = time.monotonic() - t1
     finally:
-        for vm in vms.values():
-            vm.stop()
+        for name in creates:
+            run = (run_info(name).get("run") or {}) if (home / "vms" / name).exists() else {}
+            if run.get("running"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(run["pid"], signal.SIGKILL)
     print(
-        "\ndebian guest (TCG, two at once): ssh after "
+        "\ndebian guest through barge (TCG, two at once): ssh after "
         + ", ".join(f"{w} {t:.0f} s ({cpu[w]:.0f} CPU s)" for w, t in times.items())
         + f", load {os.getloadavg()[0]:.1f}; power-down "
-        + ", ".join(f"{w} {t:.0f} s" for w, t in stops.items())
+        + ", ".join(f"{w} {t:.0f} s" for w, t in stop_s.items())
     )
 
 
