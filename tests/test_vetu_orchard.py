@@ -292,14 +292,7 @@ def test_orchard_ip_is_the_guests_own_address_when_bridged(
         [*in_ns, VETU, "run", vm_id], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
     )
     try:
-        r = subprocess.run(
-            [*in_ns, VETU, "ip", "--wait", "60", vm_id],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if r.returncode != 0:  # Orchard retries; a loaded machine may need a second minute
+        for _ in range(2):  # Orchard retries; a loaded machine may need a second minute
             r = subprocess.run(
                 [*in_ns, VETU, "ip", "--wait", "60", vm_id],
                 capture_output=True,
@@ -307,6 +300,8 @@ def test_orchard_ip_is_the_guests_own_address_when_bridged(
                 timeout=120,
                 check=False,
             )
+            if r.returncode == 0:
+                break
         assert (r.returncode, r.stdout) == (0, "10.0.2.15\n"), r
         banner = subprocess.run(
             [

@@ -161,17 +161,10 @@ def delete(ctx: click.Context, names: tuple[str, ...]) -> None:
 def vetu_rows(source: str | None) -> list[dict[str, Any]]:
     """``list --format json`` as Tart prints it and Orchard reads it (``Name``, ``Source``,
     ``State``, ``Running``; sizes in whole GB as Tart's ``Disk``/``Size``)."""
-    from barge.cache import list_cached
-    from barge.commands.vm import list_local
+    from barge.commands.vm import list_rows
 
-    store = Store()
-    rows: list[dict[str, Any]] = []
-    if source in (None, "local"):
-        rows += list_local(store)
-    if source in (None, "oci"):
-        rows += list_cached(store)
     out = []
-    for r in rows:
+    for r in list_rows(Store(), source):
         running = bool(r.get("running"))
         out.append(
             {

@@ -199,6 +199,16 @@ def rename(old: str, new: str) -> None:
     echo(f"renamed {old} to {new}")
 
 
+def list_rows(store: Store, source: str | None) -> list[dict[str, Any]]:
+    """What ``list`` shows: local VMs, cached images, or (``source`` None) both."""
+    rows: list[dict[str, Any]] = []
+    if source in (None, "local"):
+        rows += api.list_vms(store=store)
+    if source in (None, "oci"):
+        rows += api.list_images(store=store)
+    return rows
+
+
 @commands.command(name="list")
 @click.option("-q", "--quiet", is_flag=True, help="Only names.")
 @click.option(
@@ -207,12 +217,7 @@ def rename(old: str, new: str) -> None:
 @format_option
 def list_cmd(quiet: bool, source: str | None, fmt: str) -> None:
     """List local VMs and cached images."""
-    store = Store()
-    rows: list[dict[str, Any]] = []
-    if source in (None, "local"):
-        rows += api.list_vms(store=store)
-    if source in (None, "oci"):
-        rows += api.list_images(store=store)
+    rows = list_rows(Store(), source)
     if fmt == "json":
         emit_json(rows)
         return
