@@ -476,6 +476,27 @@ def test_banner_check_needs_an_ssh_server() -> None:
             t.join()
 
 
+def test_a_slow_banner_is_waited_for() -> None:
+    """A guest's sshd under TCG may take seconds to send its banner on a connection QEMU has
+    accepted: the polling of `ip --wait` (slices of 2 s) must not cut it off each time."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        ep = access.Endpoint("127.0.0.1", srv.getsockname()[1])
+
+        def slow() -> None:
+            conn, _ = srv.accept()
+            time.sleep(4)
+            conn.sendall(b"SSH-2.0-slow\r\n")
+            time.sleep(0.5)
+            conn.close()
+
+        t = threading.Thread(target=slow)
+        t.start()
+        assert access.wait_for_ssh(ep, 2.0, lambda: True)
+        t.join()
+
+
 # -- QMP ------------------------------------------------------------------------------------
 
 

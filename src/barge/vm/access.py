@@ -158,13 +158,26 @@ def ssh_banner(endpoint: Endpoint, timeout: float = 3.0) -> bool:
         return False
 
 
+#: How long one connection may wait for the banner once accepted: a guest's sshd under TCG on
+#: a loaded host can take seconds to answer (it re-executes itself for every connection), and
+#: where nothing listens in the guest QEMU closes the connection at once anyway.
+BANNER_TIMEOUT = 15.0
+
+
 def wait_for_ssh(
-    endpoint: Endpoint, timeout: float, alive: Callable[[], bool], *, interval: float = 0.5
+    endpoint: Endpoint,
+    timeout: float,
+    alive: Callable[[], bool],
+    *,
+    interval: float = 0.5,
+    banner_timeout: float = BANNER_TIMEOUT,
 ) -> bool:
-    """Poll for the banner until ``timeout`` s pass or ``alive()`` says the VM is gone."""
+    """Poll for the banner until ``timeout`` s pass or ``alive()`` says the VM is gone. A
+    connection already accepted may wait up to ``banner_timeout`` for its banner, past
+    ``timeout``: a slow guest's answer is not cut off by the polling."""
     deadline = time.monotonic() + timeout
     while True:
-        if ssh_banner(endpoint, timeout=min(3.0, max(0.5, deadline - time.monotonic()))):
+        if ssh_banner(endpoint, timeout=max(0.5, banner_timeout)):
             return True
         if not alive() or time.monotonic() >= deadline:
             return False

@@ -518,7 +518,10 @@ def endpoint(store: Store, name: str, wait: float | None = None) -> access.Endpo
                 next_prod = time.monotonic() + 5.0
             left = deadline - time.monotonic()
             if ep is not None and access.wait_for_ssh(
-                ep, max(0.0, min(left, 2.0)), functools.partial(state.alive, st)
+                ep,
+                max(0.0, min(left, 2.0)),
+                functools.partial(state.alive, st),
+                banner_timeout=min(access.BANNER_TIMEOUT, left),
             ):
                 return ep
         if time.monotonic() >= deadline:
