@@ -142,6 +142,23 @@ def test_bad_input_is_one_line_and_an_exit_code(
     barge("delete", name)
 
 
+def test_run_failure_is_the_first_line_of_stderr(barge_home: Path, tiny_guest: Guest) -> None:
+    """Orchard reports a failed command by the first non-empty line of its stderr: what barge
+    says before failing (the KVM warning, notes) goes to stdout, the error alone to stderr."""
+    name = on_disk_name()
+    kernel = getattr(tiny_guest, "kernel_pvh", None) or tiny_guest.kernel
+    barge("create", name, "--kernel", str(kernel), "--disk-size", "64M", "--memory", "256")
+    env = {**os.environ, "BARGE_VETU_NET_BRIDGED": "nosuchbr0", "BARGE_ACCEL": "auto"}
+    r = subprocess.run(
+        [VETU, "run", name], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
+    assert r.returncode == ExitCode.USAGE, r
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("barge: error:"), r.stderr
+    assert "nosuchbr0" in lines[0]
+    assert "KVM" in r.stdout or not os.path.exists("/dev/kvm")  # the probe's note, on stdout
+
+
 def test_barge_create_refuses_nonsense_sizes(barge_home: Path) -> None:
     err = barge("create", "t20", "--disk-size", "20K", code=ExitCode.USAGE)
     assert "no disk for a VM" in err and "a bare number is GB" in err

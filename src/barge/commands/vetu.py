@@ -15,7 +15,9 @@ and ``vetu ip`` prints ``127.0.0.1:PORT`` (SSH only).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from typing import Any
 
 import click
@@ -30,11 +32,19 @@ NET_BRIDGED_ENV = "BARGE_VETU_NET_BRIDGED"
 
 def _barge(ctx: click.Context, *argv: str) -> Any:
     """Run barge's own command ``argv[0]`` with arguments ``argv[1:]`` in this process (this
-    group's error handling and signal handling stay in force)."""
+    group's error handling and signal handling stay in force).
+
+    What the command says on the way (``barge: …`` notes such as the KVM warning, a run's
+    summary) goes to stdout: Orchard takes the first non-empty line of stderr as the error
+    message of a failed command, so stderr holds only the error itself, printed by this group
+    once the command has failed."""
     name, *args = argv
     cmd = barge_main.get_command(ctx, name)
     assert cmd is not None, name
-    with cmd.make_context(name, list(args), parent=ctx) as sub:
+    with (
+        contextlib.redirect_stderr(sys.stdout),
+        cmd.make_context(name, list(args), parent=ctx) as sub,
+    ):
         return cmd.invoke(sub)
 
 
