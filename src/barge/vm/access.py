@@ -125,7 +125,9 @@ def ssh_argv(
         "-o",
         f"HostKeyAlias={alias}",
         "-o",
-        "ConnectTimeout=10",
+        # the connect and the banner exchange: a guest's sshd under TCG on a busy host took
+        # 9.5 s to send its banner (where nothing listens, QEMU resets the connection at once)
+        f"ConnectTimeout={BANNER_TIMEOUT * 2:g}",
         "-o",
         "ServerAliveInterval=15",
         "-o",
