@@ -709,7 +709,7 @@ class SourceVM:
 def make_vm(
     barge: Barge, name: str, size: int, r: random.Random, mix: dict[str, int] | None = None
 ) -> SourceVM:
-    barge.check("create", name, "--disk-size", str(size))
+    barge.check("create", name, "--disk-size", f"{size}B")  # bytes: a bare number is GB
     disk = barge.home / "vms" / name / "disk.img"
     kinds = make_disk(disk, size, r, mix)
     return SourceVM(barge, name, disk, content_digest(disk), kinds)
