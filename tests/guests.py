@@ -479,3 +479,24 @@ def run_builder(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
         timeout=600,
         env=env,
     )
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace with a bridge br0 at 10.0.2.2/24 (the tiny guest's gateway when no
+    DHCP answers, which then takes 10.0.2.15)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("bridged networking needs root and iproute2")
+    name = f"barge-test-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (
+            "link add br0 type bridge",
+            "addr add 10.0.2.2/24 dev br0",
+            "link set br0 up",
+            "link set lo up",
+        ):
+            subprocess.run(["ip", "-n", name, *cmd.split()], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

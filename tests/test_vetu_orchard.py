@@ -23,8 +23,7 @@ import pytest
 from barge.errors import ExitCode
 from barge.vm import state
 from clitest import barge
-from registry_fixtures import RunningRegistry
-from test_vm_run import netns  # noqa: F401 - the fixture: a namespace with bridge br0
+from registries import RunningRegistry
 from vmimages import push_vetu
 
 if TYPE_CHECKING:
@@ -280,7 +279,7 @@ def test_orchard_worker_command_lines(
 def test_orchard_ip_is_the_guests_own_address_when_bridged(
     barge_home: Path,
     tiny_guest: Guest,
-    netns: str,  # noqa: F811 - the fixture imported above
+    netns: str,
 ) -> None:
     """With $BARGE_VETU_NET_BRIDGED, Orchard's plain `vetu run ID` attaches the VM to that
     bridge, and `vetu ip --wait 60 ID` prints an address on which port 22 answers — what
