@@ -23,8 +23,9 @@ from typing import Any
 import click
 
 from barge import __version__
-from barge.cli import BargeGroup, echo, emit_json
+from barge.cli import BargeGroup
 from barge.cli import main as barge_main
+from barge.commands.common import echo, emit_json
 from barge.store import Store
 
 NET_BRIDGED_ENV = "BARGE_VETU_NET_BRIDGED"
@@ -219,12 +220,12 @@ def list_cmd(source: str | None, quiet: bool, fmt: str) -> None:
 @click.argument("name")
 def fqn(name: str) -> None:
     """The fully qualified name: a cached image as REPOSITORY@DIGEST, a local VM as is."""
-    from barge.cache import cached_info
+    from barge import api
     from barge.reference import looks_like_reference, parse
 
     if not looks_like_reference(name):
         Store().get_vm(name)
         echo(name)
         return
-    digest = cached_info(Store(), name)["digest"]
+    digest = api.get(name)["digest"]
     echo(f"{parse(name).name}@{digest}")
