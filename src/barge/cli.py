@@ -19,6 +19,7 @@ import click
 from barge import __version__, cancel
 from barge.commands import config, distribution, registry, transfer, vm
 from barge.commands import run as run_commands
+from barge.commands import vetu as vetu_commands
 from barge.commands.common import echo
 from barge.errors import BargeError, ExitCode, Interrupted
 
@@ -81,6 +82,19 @@ def run() -> None:  # pragma: no cover - thin wrapper for `python -m barge`
 for _module in (config, distribution, registry, run_commands, transfer, vm):
     for _command in _module.commands.commands.values():
         main.add_command(_command)
+
+
+@click.group(cls=BargeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="barge-vetu")
+@click.pass_context
+def vetu_main(ctx: click.Context) -> None:
+    """Vetu's command line (as Orchard's Linux workers run it), served by barge (the
+    `barge-vetu` console script; install it as `vetu`: docs/orchard.md)."""
+    ctx.obj = main  # the vetu commands hand their work to barge's own
+
+
+for _command in vetu_commands.commands.commands.values():
+    vetu_main.add_command(_command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -4,8 +4,8 @@ Orchard's Linux workers drive VMs by running a ``vetu`` binary; installed as ``v
 symlink to ``barge-vetu``), barge takes its place unchanged. Each command here parses Vetu's
 forms (flags before or after the name, ``--flag=value``, bare numbers in Vetu's units) and
 hands the work to barge's own command of the same meaning, so behaviour, messages and exit
-codes are barge's; only what Orchard parses — ``list --format json``, ``ip``, ``fqn`` — is
-printed in Vetu's and Tart's shape. docs/orchard.md is the contract.
+codes are barge's; ``list --format json`` and ``fqn``, which Orchard parses, print Vetu's and
+Tart's shapes from ``barge.api``. docs/orchard.md is the contract.
 
 Networking: Orchard's ``vetu run ID`` names no network. ``$BARGE_VETU_NET_BRIDGED`` (a bridge)
 makes it ``--net-bridged`` so that ``vetu ip`` prints the guest's own address, which Orchard
@@ -22,25 +22,30 @@ from typing import Any
 
 import click
 
-from barge import __version__
-from barge.cli import BargeGroup
-from barge.cli import main as barge_main
-from barge.commands.common import echo, emit_json
+from barge import api
+from barge.commands.common import collector, echo, emit_json
+from barge.reference import looks_like_reference, parse
 from barge.store import Store
+
+#: Vetu's commands; ``barge.cli`` adds them to its ``barge-vetu`` group (``vetu_main``), whose
+#: context object is barge's own group: the commands here hand their work to barge's commands.
+commands = collector()
 
 NET_BRIDGED_ENV = "BARGE_VETU_NET_BRIDGED"
 
 
 def _barge(ctx: click.Context, *argv: str) -> Any:
-    """Run barge's own command ``argv[0]`` with arguments ``argv[1:]`` in this process (this
-    group's error handling and signal handling stay in force).
+    """Run barge's own command ``argv[0]`` with arguments ``argv[1:]`` in this process (the
+    ``barge-vetu`` group's error handling and signal handling stay in force).
 
     What the command says on the way (``barge: …`` notes such as the KVM warning, a run's
     summary) goes to stdout: Orchard takes the first non-empty line of stderr as the error
     message of a failed command, so stderr holds only the error itself, printed by this group
     once the command has failed."""
+    barge_group = ctx.find_root().obj
+    assert isinstance(barge_group, click.Group), "barge-vetu runs under barge.cli.vetu_main"
     name, *args = argv
-    cmd = barge_main.get_command(ctx, name)
+    cmd = barge_group.get_command(ctx, name)
     assert cmd is not None, name
     with (
         contextlib.redirect_stderr(sys.stdout),
@@ -49,30 +54,19 @@ def _barge(ctx: click.Context, *argv: str) -> Any:
         return cmd.invoke(sub)
 
 
-@click.group(
-    cls=BargeGroup,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-@click.version_option(__version__, prog_name="barge-vetu")
-def main() -> None:
-    """Vetu's command line (as Orchard's Linux workers run it), served by barge."""
-
-
 _concurrency = click.option(
     "--concurrency", type=click.IntRange(1, 64), default=4, show_default=True
 )
 _insecure = click.option("--insecure", is_flag=True, help="Plain HTTP to the registry.")
 
 
-@main.command()
+@commands.command()
 @click.argument("remote_name")
 @_concurrency
 @_insecure
 @click.pass_context
 def pull(ctx: click.Context, remote_name: str, concurrency: int, insecure: bool) -> None:
     """Pull a VM image from a registry (`barge pull`)."""
-    from barge.reference import looks_like_reference
-
     if not looks_like_reference(remote_name):  # as Vetu: a local name has nothing to pull
         echo(f"{remote_name!r} is a local image, nothing to pull here!")
         return
@@ -80,7 +74,7 @@ def pull(ctx: click.Context, remote_name: str, concurrency: int, insecure: bool)
     _barge(ctx, "pull", remote_name, "-q", "--concurrency", str(concurrency), *extra)
 
 
-@main.command()
+@commands.command()
 @click.argument("name")
 @click.argument("local_name")
 @_concurrency
@@ -92,7 +86,7 @@ def clone(ctx: click.Context, name: str, local_name: str, concurrency: int, inse
     _barge(ctx, "clone", name, local_name, "-q", "--concurrency", str(concurrency), *extra)
 
 
-@main.command(name="set")
+@commands.command(name="set")
 @click.argument("name")
 @click.option("--cpu", type=click.IntRange(min=0), default=0, help="CPUs (0: unchanged).")
 @click.option(
@@ -115,7 +109,7 @@ def set_cmd(ctx: click.Context, name: str, cpu: int, memory: int, disk_size: int
         _barge(ctx, "set", name, *args)
 
 
-@main.command()
+@commands.command()
 @click.argument("name")
 @click.option(
     "--net-bridged",
@@ -130,7 +124,7 @@ def run(ctx: click.Context, name: str, net_bridged: str | None) -> None:
     _barge(ctx, "run", name, *extra)
 
 
-@main.command()
+@commands.command()
 @click.argument("name")
 @click.option(
     "--wait",
@@ -138,15 +132,13 @@ def run(ctx: click.Context, name: str, net_bridged: str | None) -> None:
     default=0,
     help="Seconds to wait for the VM to boot and its SSH to answer.",
 )
-def ip(name: str, wait: int) -> None:
-    """Print the VM's address: its own (bridged), or 127.0.0.1:PORT (user-mode)."""
-    from barge.vm import runner
-
-    ep = runner.endpoint(Store(), name, float(wait) if wait else None)
-    echo(ep.address)
+@click.pass_context
+def ip(ctx: click.Context, name: str, wait: int) -> None:
+    """Print the VM's address: its own (bridged), or 127.0.0.1:PORT (user-mode) (`barge ip`)."""
+    _barge(ctx, "ip", name, *(["--wait", str(wait)] if wait else []))
 
 
-@main.command()
+@commands.command()
 @click.argument("name")
 @click.option(
     "--timeout",
@@ -161,7 +153,7 @@ def stop(ctx: click.Context, name: str, timeout: int) -> None:
     _barge(ctx, "stop", name, "--timeout", str(timeout))
 
 
-@main.command()
+@commands.command()
 @click.argument("names", nargs=-1, required=True)
 @click.pass_context
 def delete(ctx: click.Context, names: tuple[str, ...]) -> None:
@@ -172,10 +164,11 @@ def delete(ctx: click.Context, names: tuple[str, ...]) -> None:
 def vetu_rows(source: str | None) -> list[dict[str, Any]]:
     """``list --format json`` as Tart prints it and Orchard reads it (``Name``, ``Source``,
     ``State``, ``Running``; sizes in whole GB as Tart's ``Disk``/``Size``)."""
-    from barge.commands.vm import list_rows
-
+    store = Store()
+    rows = api.list_vms(store=store) if source in (None, "local") else []
+    rows += api.list_images(store=store) if source in (None, "oci") else []
     out = []
-    for r in list_rows(Store(), source):
+    for r in rows:
         running = bool(r.get("running"))
         out.append(
             {
@@ -191,7 +184,7 @@ def vetu_rows(source: str | None) -> list[dict[str, Any]]:
     return out
 
 
-@main.command(name="list")
+@commands.command(name="list")
 @click.option(
     "--source", type=click.Choice(["local", "oci"]), help="Only local VMs or only cached images."
 )
@@ -216,13 +209,10 @@ def list_cmd(source: str | None, quiet: bool, fmt: str) -> None:
         echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-@main.command()
+@commands.command()
 @click.argument("name")
 def fqn(name: str) -> None:
     """The fully qualified name: a cached image as REPOSITORY@DIGEST, a local VM as is."""
-    from barge import api
-    from barge.reference import looks_like_reference, parse
-
     if not looks_like_reference(name):
         Store().get_vm(name)
         echo(name)
