@@ -124,6 +124,8 @@ class BargeImage:
 
 
 def parse_barge_manifest(doc: dict[str, Any]) -> BargeImage:
+    if not isinstance(doc, dict):  # whatever JSON a registry or layout handed over
+        raise IntegrityError(f"invalid manifest: a JSON {type(doc).__name__}, not an object")
     try:
         config = Descriptor.from_json(doc.get("config"))
         layers = [Descriptor.from_json(x) for x in doc.get("layers") or []]
